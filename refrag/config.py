@@ -1,0 +1,99 @@
+"""Typed options for refrag. Imports no torch, so the CLI and config parsing stay light.
+
+Every dataclass validates itself in ``__post_init__`` and names the option the user must change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from refrag.errors import InputError
+
+Mode = Literal["full", "refrag"]
+Pooling = Literal["mean", "cls"]
+ExpandStrategy = Literal["similarity", "random", "first"]
+
+DEFAULT_DECODER = "smollm2-135m"
+DEFAULT_ENCODER = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class ChunkingOptions:
+    """How text is cut, in DECODER token space."""
+
+    k: int = 16  # decoder tokens per chunk; one decoder position per compressed chunk
+    passage_tokens: int = 256  # max decoder tokens per passage (retrieval unit)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k <= 0:
+            raise InputError(f"k must be a positive integer (got {self.k!r}); the paper uses k=16.")
+        if not isinstance(self.passage_tokens, int) or self.passage_tokens < self.k:
+            raise InputError(
+                f"passage_tokens must be an integer >= k={self.k} (got {self.passage_tokens!r})."
+            )
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """Which context chunks the decoder reads as vectors and which as raw tokens."""
+
+    mode: Mode = "refrag"  # "full": every chunk as tokens (plain RAG); "refrag": compressed
+    expand_fraction: float = 0.0  # p: fraction of chunks kept as raw tokens in refrag mode
+    expand_strategy: ExpandStrategy = "similarity"  # how to pick them when no learned policy exists
+    seed: int = 0  # for expand_strategy="random"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("full", "refrag"):
+            raise InputError(f"mode must be 'full' or 'refrag' (got {self.mode!r}).")
+        if not 0.0 <= self.expand_fraction <= 1.0:
+            raise InputError(f"expand_fraction must be in [0, 1] (got {self.expand_fraction!r}).")
+        if self.expand_strategy not in ("similarity", "random", "first"):
+            raise InputError(
+                f"expand_strategy must be similarity, random or first (got {self.expand_strategy!r})."
+            )
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Decoding settings. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation ends when the text contains one of these (it is cut off)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be a positive integer (got {self.max_new_tokens!r}).")
+        if self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (got {self.temperature!r}); 0 means greedy.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r}).")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class RefragConfig:
+    """What a RefragModel is made of; saved as the checkpoint manifest."""
+
+    decoder: str = DEFAULT_DECODER  # built-in name, local folder or HF id (or "decoder" inside a checkpoint)
+    encoder: str = DEFAULT_ENCODER
+    k: int = 16
+    pooling: Pooling = "mean"
+    encoder_max_tokens: int = 64  # encoder-tokenizer cap for one chunk's text (k decoder tokens fit easily)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    target_rms: float | None = None  # RMS of decoder token embeddings; measured at construction if None
+    extra: dict[str, str] = field(default_factory=dict)  # provenance (training stage, data, ...)
+
+    def __post_init__(self) -> None:
+        ChunkingOptions(k=self.k, passage_tokens=max(self.k, 256))
+        if self.pooling not in ("mean", "cls"):
+            raise InputError(f"pooling must be 'mean' or 'cls' (got {self.pooling!r}).")
+        if self.encoder_max_tokens < 4:
+            raise InputError(f"encoder_max_tokens must be >= 4 (got {self.encoder_max_tokens}).")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise InputError(
+                f"dtype must be bfloat16 or float32 (got {self.dtype!r}); fp16 overflows with inputs_embeds."
+            )

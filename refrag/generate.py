@@ -1,0 +1,262 @@
+"""Compressed or full-context generation: prefill from embeddings, then KV-cached decoding, with timings.
+
+TTFT is measured from the call (the question arriving) to the first sampled token, and includes prompt
+tokenisation, chunk encoding when vectors are not precomputed, projection, prefill and the first sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from refrag.chunking import Passage, split_passages
+from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
+from refrag.errors import InputError
+from refrag.modeling import RefragModel
+from refrag.prompting import PromptTemplate, choose_expanded, context_layout
+
+FinishReason = Literal["eos", "stop", "length"]
+TextCallback = Callable[[int, str], None]  # (batch row, new text)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question with its retrieved context.
+
+    ``encoded``: optional precomputed encoder outputs, one [L_i, E] tensor per passage (the "cached" path,
+    e.g. from an index); when None the chunks are encoded at query time.
+    """
+
+    question: str
+    passages: tuple[Passage, ...]
+    encoded: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def from_texts(
+        cls, question: str, contexts: Sequence[str], tokenizer, chunking: ChunkingOptions = ChunkingOptions()
+    ) -> Request:
+        """Split raw context strings into passages and chunks in the decoder's token space."""
+        if isinstance(contexts, str):
+            contexts = [contexts]
+        passages = [p for text in contexts for p in split_passages(text, tokenizer, chunking)]
+        return cls(question=question, passages=tuple(passages))
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_s: float  # question in -> first token out
+    encode_s: float  # part of ttft spent encoding chunks (0 when precomputed)
+    prefill_s: float  # part of ttft spent in the decoder prefill
+    ttit_s: float  # mean time per token after the first (0 if only one token)
+    total_s: float
+    tokens_per_s: float  # new tokens (whole batch) / total time
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    timings: Timings
+    decoder_positions: int  # prefill positions the decoder read for this question
+    context_tokens: int  # raw context tokens
+    context_positions: int  # positions the context occupied (chunks compressed -> 1 each)
+    expanded_chunks: tuple[int, ...]
+    kv_cache_bytes: int  # for the whole batch after the prefill
+
+    @property
+    def compression(self) -> float:
+        """Context tokens per context position (k when nothing is expanded, 1 in full mode)."""
+        return self.context_tokens / max(self.context_positions, 1)
+
+
+def sample_next(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids (greedy, or temperature + nucleus sampling)."""
+    if options.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / options.temperature, dim=-1)
+    if options.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > options.top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes held by a transformers Cache (keys + values of every layer)."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in getattr(cache, "layers", [])
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+        if isinstance(t, torch.Tensor)
+    )
+
+
+def _eos_ids(model: RefragModel) -> set[int]:
+    ids = model.decoder.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if model.tokenizer.eos_token_id is not None:
+        ids.append(model.tokenizer.eos_token_id)
+    return set(ids)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stops if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.inference_mode()
+def generate(
+    model: RefragModel,
+    requests: Sequence[Request],
+    *,
+    compression: CompressionOptions = CompressionOptions(),
+    sampling: SamplingOptions = SamplingOptions(),
+    template: PromptTemplate | None = None,
+    on_text: TextCallback | None = None,
+) -> list[Answer]:
+    """Answer a batch of requests. ``on_text(row, delta)`` streams text as it is produced."""
+    t0 = time.perf_counter()
+    if not requests:
+        raise InputError("generate needs at least one request.")
+    model.eval()
+    template = template or PromptTemplate.for_tokenizer(model.tokenizer)
+    tok = model.tokenizer
+    question_ids = [template.question_ids(tok, r.question) for r in requests]
+    for r in requests:
+        if not r.passages:
+            raise InputError("context is empty: give at least one passage (or use no context at all).")
+
+    # 1. chunk vectors: precomputed encoder outputs, or encode now ("uncached"); then project.
+    t_enc = time.perf_counter()
+    encoded: list[torch.Tensor | None] = [None] * len(requests)
+    if compression.mode == "refrag":
+        todo = [i for i, r in enumerate(requests) if r.encoded is None]
+        texts = [c.text for i in todo for p in requests[i].passages for c in p.chunks]
+        fresh = model.encode_chunks(texts)  # [sum L, E]
+        offset = 0
+        for i, r in enumerate(requests):
+            if r.encoded is None:
+                n = sum(len(p.chunks) for p in r.passages)
+                encoded[i] = fresh[offset : offset + n]
+                offset += n
+            else:
+                encoded[i] = torch.cat([e.to(model.device) for e in r.encoded])
+                if encoded[i].shape[0] != sum(len(p.chunks) for p in r.passages):
+                    raise InputError("precomputed chunk vectors do not match the passages' chunk count.")
+    encode_s = time.perf_counter() - t_enc if compression.mode == "refrag" and any(
+        r.encoded is None for r in requests
+    ) else 0.0
+
+    # 2. layouts: choose expanded chunks, place vectors and tokens in order.
+    layouts, expanded_sets = [], []
+    for i, r in enumerate(requests):
+        n_chunks = sum(len(p.chunks) for p in r.passages)
+        q_enc = None
+        if compression.mode == "refrag" and compression.expand_fraction > 0 and compression.expand_strategy == "similarity":
+            q_enc = model.encode_chunks([r.question])[0]
+        expanded = choose_expanded(n_chunks, compression, chunk_encodings=encoded[i], question_encoding=q_enc)
+        vectors = model.project(encoded[i]) if compression.mode == "refrag" else None
+        layouts.append(context_layout(model, template, question_ids[i], r.passages, vectors, expanded))
+        expanded_sets.append(expanded)
+    limit = getattr(model.decoder.config, "max_position_embeddings", None)
+    longest = max(x.length for x in layouts)
+    if limit and longest > limit:
+        raise InputError(
+            f"the prompt needs {longest} decoder positions but the decoder's window is {limit}: "
+            "use --mode refrag, a larger k, or fewer/shorter passages."
+        )
+    inputs = model.build_inputs(layouts)
+
+    # 3. prefill (logits for the last position only) and first token.
+    t_pre = time.perf_counter()
+    out = model.decoder(
+        inputs_embeds=inputs.inputs_embeds,
+        attention_mask=inputs.attention_mask,
+        position_ids=inputs.position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    next_ids = sample_next(out.logits[:, -1], sampling, generator)  # [B]
+    first = next_ids.tolist()
+    ttft = time.perf_counter() - t0
+    prefill_s = time.perf_counter() - t_pre
+    cache = out.past_key_values
+    kv_bytes = kv_cache_bytes(cache)
+
+    # 4. KV-cached decoding.
+    B = len(requests)
+    eos = _eos_ids(model)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    finish: list[FinishReason | None] = [None] * B
+    mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
+    step_ids = first
+    for step in range(sampling.max_new_tokens):
+        for b in range(B):
+            if finish[b] is not None:
+                continue
+            if step_ids[b] in eos:
+                finish[b] = "eos"
+                continue
+            generated[b].append(step_ids[b])
+            if on_text is not None or sampling.stop:
+                text = tok.decode(generated[b], skip_special_tokens=True)
+                text, stopped = _cut_at_stop(text, sampling.stop)
+                if on_text is not None and len(text) > len(texts[b]):
+                    on_text(b, text[len(texts[b]) :])
+                texts[b] = text
+                if stopped:
+                    finish[b] = "stop"
+        if all(f is not None for f in finish) or step == sampling.max_new_tokens - 1:
+            break
+        positions = positions + 1
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        out = model.decoder(
+            input_ids=next_ids.reshape(B, 1),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_ids = sample_next(out.logits[:, -1], sampling, generator)
+        step_ids = next_ids.tolist()
+    total = time.perf_counter() - t0
+    n_new = sum(len(g) for g in generated)
+    steps = max(len(g) for g in generated)
+    timings = Timings(
+        ttft_s=ttft,
+        encode_s=encode_s,
+        prefill_s=prefill_s,
+        ttit_s=(total - ttft) / (steps - 1) if steps > 1 else 0.0,
+        total_s=total,
+        tokens_per_s=n_new / total if total > 0 else 0.0,
+    )
+    answers = []
+    for b, r in enumerate(requests):
+        text = texts[b] if (on_text is not None or sampling.stop) else tok.decode(generated[b], skip_special_tokens=True)
+        context_tokens = sum(p.num_tokens for p in r.passages)
+        chunk_tokens = [len(c.token_ids) for p in r.passages for c in p.chunks]
+        context_positions = sum(n if i in expanded_sets[b] else 1 for i, n in enumerate(chunk_tokens))
+        answers.append(
+            Answer(
+                text=text.strip(),
+                token_ids=tuple(generated[b]),
+                finish_reason=finish[b] or "length",
+                timings=timings,
+                decoder_positions=layouts[b].length,
+                context_tokens=context_tokens,
+                context_positions=context_positions,
+                expanded_chunks=tuple(sorted(expanded_sets[b])),
+                kv_cache_bytes=kv_bytes,
+            )
+        )
+    return answers

@@ -105,9 +105,41 @@ def _eos_ids(model: RefragModel) -> set[int]:
     return set(ids)
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cuts = [text.index(s) for s in stops if s and s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
+class _Row:
+    """One batch row's generated tokens and text: EOS, stop strings and streaming of complete characters."""
+
+    def __init__(self, tokenizer, stops: Sequence[str], emit: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.stops, self.emit = tokenizer, [s for s in stops if s], emit
+        self.ids: list[int] = []
+        self.text = ""
+        self.finish: FinishReason | None = None
+        self._emitted = 0
+
+    def push(self, token: int, eos: set[int]) -> None:
+        if self.finish is not None:
+            return
+        if token in eos:
+            self.finish = "eos"
+            return
+        self.ids.append(token)
+        if not (self.stops or self.emit):
+            return
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [self.text.index(s) for s in self.stops if s in self.text]
+        if cuts:
+            self.text, self.finish = self.text[: min(cuts)], "stop"
+        if not self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for its next token
+            self._send()
+
+    def flush(self) -> None:
+        if not (self.stops or self.emit):
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._send()
+
+    def _send(self) -> None:
+        if self.emit is not None and len(self.text) > self._emitted:
+            self.emit(self.text[self._emitted :])
+        self._emitted = len(self.text)
 
 
 @torch.inference_mode()
@@ -195,28 +227,13 @@ def generate(
     # 4. KV-cached decoding.
     B = len(requests)
     eos = _eos_ids(model)
-    generated: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
-    finish: list[FinishReason | None] = [None] * B
+    rows = [_Row(tok, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None) for b in range(B)]
     mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
     step_ids = first
     for step in range(sampling.max_new_tokens):
-        for b in range(B):
-            if finish[b] is not None:
-                continue
-            if step_ids[b] in eos:
-                finish[b] = "eos"
-                continue
-            generated[b].append(step_ids[b])
-            if on_text is not None or sampling.stop:
-                text = tok.decode(generated[b], skip_special_tokens=True)
-                text, stopped = _cut_at_stop(text, sampling.stop)
-                if on_text is not None and len(text) > len(texts[b]):
-                    on_text(b, text[len(texts[b]) :])
-                texts[b] = text
-                if stopped:
-                    finish[b] = "stop"
-        if all(f is not None for f in finish) or step == sampling.max_new_tokens - 1:
+        for row, token in zip(rows, step_ids):
+            row.push(token, eos)
+        if all(r.finish is not None for r in rows) or step == sampling.max_new_tokens - 1:
             break
         positions = positions + 1
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
@@ -229,9 +246,11 @@ def generate(
         )
         next_ids = sample_next(out.logits[:, -1], sampling, generator)
         step_ids = next_ids.tolist()
+    for row in rows:
+        row.flush()
     total = time.perf_counter() - t0
-    n_new = sum(len(g) for g in generated)
-    steps = max(len(g) for g in generated)
+    n_new = sum(len(r.ids) for r in rows)
+    steps = max(len(r.ids) for r in rows)
     timings = Timings(
         ttft_s=ttft,
         encode_s=encode_s,
@@ -242,15 +261,14 @@ def generate(
     )
     answers = []
     for b, r in enumerate(requests):
-        text = texts[b] if (on_text is not None or sampling.stop) else tok.decode(generated[b], skip_special_tokens=True)
         context_tokens = sum(p.num_tokens for p in r.passages)
         chunk_tokens = [len(c.token_ids) for p in r.passages for c in p.chunks]
         context_positions = sum(n if i in expanded_sets[b] else 1 for i, n in enumerate(chunk_tokens))
         answers.append(
             Answer(
-                text=text.strip(),
-                token_ids=tuple(generated[b]),
-                finish_reason=finish[b] or "length",
+                text=rows[b].text.strip(),
+                token_ids=tuple(rows[b].ids),
+                finish_reason=rows[b].finish or "length",
                 timings=timings,
                 decoder_positions=layouts[b].length,
                 context_tokens=context_tokens,

@@ -1,0 +1,202 @@
+"""TTFT / TTIT / throughput / KV-cache bytes: full context vs REFRAG, same decoder, same process.
+
+For each context length s the three paths run interleaved (full, refrag with precomputed chunk vectors,
+refrag encoding chunks at query time), so machine noise hits them alike; medians are reported as ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from refrag.bench.machine import machine_info
+from refrag.chunking import make_passage
+from refrag.config import CompressionOptions, SamplingOptions
+from refrag.errors import InputError
+from refrag.generate import Answer, Request, generate
+from refrag.modeling import RefragModel
+
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8000)
+QUESTION = "What did the narrator decide to do?"
+# Public-domain text (Moby-Dick, ch. 1), repeated to the context length asked for.
+SAMPLE_TEXT = (
+    "Call me Ishmael. Some years ago - never mind how long precisely - having little or no money in my purse, "
+    "and nothing particular to interest me on shore, I thought I would sail about a little and see the watery "
+    "part of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever "
+    "I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever "
+    "I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral "
+    "I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong moral "
+    "principle to prevent me from deliberately stepping into the street, and methodically knocking people's "
+    "hats off - then, I account it high time to get to sea as soon as I can. This is my substitute for pistol "
+    "and ball. With a philosophical flourish Cato throws himself upon his sword; I quietly take to the ship. "
+)
+
+
+@dataclass(frozen=True)
+class TTFTRow:
+    s: int  # context tokens
+    ttft_full_s: float
+    ttft_cached_s: float  # refrag, chunk encoder outputs precomputed (an index)
+    ttft_uncached_s: float  # refrag, chunks encoded at query time
+    ratio_cached: float  # full / cached
+    ratio_uncached: float
+    encode_s: float  # median chunk-encoding time inside the uncached TTFT
+    ttit_full_s: float
+    ttit_refrag_s: float
+    positions_full: int
+    positions_refrag: int
+    kv_bytes_full: int
+    kv_bytes_refrag: int
+
+
+@dataclass(frozen=True)
+class ThroughputRow:
+    s: int
+    batch: int
+    new_tokens: int
+    tokens_per_s_full: float
+    tokens_per_s_refrag: float
+    ratio: float
+
+
+@dataclass
+class TTFTReport:
+    machine: dict
+    model: str
+    k: int
+    dtype: str
+    repeats: int
+    rows: list[TTFTRow] = field(default_factory=list)
+    throughput: ThroughputRow | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def context_request(model: RefragModel, s: int, passage_tokens: int = 256, text: str = SAMPLE_TEXT) -> Request:
+    """A request with exactly s context tokens, as passages of passage_tokens (like an index returns)."""
+    if s <= 0:
+        raise InputError(f"context length must be positive (got {s}).")
+    unit = model.tokenizer.encode(" " + text.strip(), add_special_tokens=False)
+    ids = (unit * (s // len(unit) + 1))[:s]
+    passages = tuple(
+        make_passage(ids[i : i + passage_tokens], model.tokenizer, model.k) for i in range(0, s, passage_tokens)
+    )
+    return Request(question=QUESTION, passages=passages)
+
+
+def with_cached_vectors(model: RefragModel, request: Request) -> Request:
+    """The same request with its chunk encoder outputs precomputed (what an index stores)."""
+    with torch.inference_mode():
+        encoded = tuple(model.encode_chunks([c.text for c in p.chunks]) for p in request.passages)
+    return Request(request.question, request.passages, encoded)
+
+
+def _run(model: RefragModel, requests: Sequence[Request], mode: str, new_tokens: int) -> Answer:
+    return generate(
+        model,
+        requests,
+        compression=CompressionOptions(mode=mode),  # type: ignore[arg-type]
+        sampling=SamplingOptions(max_new_tokens=new_tokens),
+    )[0]
+
+
+def bench_ttft(
+    model: RefragModel,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    *,
+    repeats: int = 3,
+    ttit_tokens: int = 16,
+    throughput_batch: int = 8,
+    throughput_s: int = 2048,
+    progress: bool = True,
+) -> TTFTReport:
+    """Measure every s in ``lengths``; then throughput at ``throughput_batch`` x ``throughput_s`` tokens."""
+    from tqdm.auto import tqdm
+
+    report = TTFTReport(machine_info(), model.config.decoder, model.k, str(model.dtype).replace("torch.", ""), repeats)
+    warm = context_request(model, min(lengths))
+    for mode in ("full", "refrag"):
+        _run(model, [warm], mode, 2)
+    bar = tqdm(total=len(lengths) * (repeats * 3 + 2), desc="bench ttft", disable=not progress)
+    for s in lengths:
+        plain = context_request(model, s)
+        cached = with_cached_vectors(model, plain)
+        times: dict[str, list[float]] = {"full": [], "cached": [], "uncached": []}
+        encode: list[float] = []
+        answers: dict[str, Answer] = {}
+        for _ in range(repeats):
+            for name, request, mode in (("full", plain, "full"), ("cached", cached, "refrag"), ("uncached", plain, "refrag")):
+                answers[name] = _run(model, [request], mode, 1)
+                times[name].append(answers[name].timings.ttft_s)
+                if name == "uncached":
+                    encode.append(answers[name].timings.encode_s)
+                bar.update()
+        ttit_full = _run(model, [plain], "full", ttit_tokens).timings.ttit_s
+        ttit_refrag = _run(model, [cached], "refrag", ttit_tokens).timings.ttit_s
+        bar.update(2)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        report.rows.append(
+            TTFTRow(
+                s=s,
+                ttft_full_s=med["full"],
+                ttft_cached_s=med["cached"],
+                ttft_uncached_s=med["uncached"],
+                ratio_cached=med["full"] / med["cached"],
+                ratio_uncached=med["full"] / med["uncached"],
+                encode_s=statistics.median(encode),
+                ttit_full_s=ttit_full,
+                ttit_refrag_s=ttit_refrag,
+                positions_full=answers["full"].decoder_positions,
+                positions_refrag=answers["cached"].decoder_positions,
+                kv_bytes_full=answers["full"].kv_cache_bytes,
+                kv_bytes_refrag=answers["cached"].kv_cache_bytes,
+            )
+        )
+    bar.close()
+    if throughput_batch > 0:
+        report.throughput = bench_throughput(model, throughput_s, throughput_batch, ttit_tokens)
+    return report
+
+
+def bench_throughput(model: RefragModel, s: int, batch: int, new_tokens: int) -> ThroughputRow:
+    """Generated tokens per second for a batch of questions (whole call: prefill + decode)."""
+    plain = context_request(model, s)
+    cached = with_cached_vectors(model, plain)
+    tps = {}
+    for mode, request in (("full", plain), ("refrag", cached)):
+        answer = _run(model, [request] * batch, mode, new_tokens)
+        tps[mode] = batch * len(answer.token_ids) / answer.timings.total_s
+    return ThroughputRow(s, batch, new_tokens, tps["full"], tps["refrag"], tps["refrag"] / tps["full"])
+
+
+def plot_ttft(report: TTFTReport, path: str | Path) -> Path:
+    """PNG: TTFT (log scale) vs context length for the three paths, with the ratios annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = [r.s for r in report.rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.plot(s, [r.ttft_full_s for r in report.rows], "o-", label="full context")
+    ax.plot(s, [r.ttft_uncached_s for r in report.rows], "s-", label=f"REFRAG{report.k} (encode at query time)")
+    ax.plot(s, [r.ttft_cached_s for r in report.rows], "^-", label=f"REFRAG{report.k} (precomputed chunks)")
+    for r in report.rows:
+        ax.annotate(f"{r.ratio_cached:.1f}x", (r.s, r.ttft_cached_s), textcoords="offset points", xytext=(0, -14),
+                    ha="center", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="context tokens s", ylabel="time to first token (s)",
+           title=f"TTFT, {Path(report.model).name}, {report.dtype}, {report.machine.get('torch_threads')} threads")
+    ax.set_xticks(s, [str(x) for x in s])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,28 @@
+"""The `refrag` command line: one command per verb, each a thin wrapper over a plain Python function.
+
+Each command group lives in its own module and imports heavy libraries (torch, transformers) inside the
+command, so `refrag --help` stays fast. Errors from refrag's boundary print as one clear line (exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from refrag.cli import bench, generate, models
+from refrag.errors import RefragError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="REFRAG: compressed-context RAG.")
+app.add_typer(models.app, name="models")
+app.add_typer(bench.app, name="bench")
+app.command("generate")(generate.generate_cmd)
+
+
+def main() -> None:
+    command = typer.main.get_command(app)
+    try:
+        command.main(prog_name="refrag")  # click handles bad flags (exit 2) and Ctrl-C itself
+    except RefragError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)

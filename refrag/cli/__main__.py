@@ -1,0 +1,3 @@
+from refrag.cli import main
+
+main()

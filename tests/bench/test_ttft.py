@@ -1,0 +1,27 @@
+from refrag.bench.ttft import bench_ttft, context_request, plot_ttft
+
+from conftest import tiny_refrag
+
+
+def test_context_request_has_exact_length():
+    model = tiny_refrag("llama", k=4)
+    request = context_request(model, 100, passage_tokens=32)
+    assert sum(p.num_tokens for p in request.passages) == 100
+    assert [p.num_tokens for p in request.passages] == [32, 32, 32, 4]
+
+
+def test_bench_rows_and_plot(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    report = bench_ttft(model, [64, 128], repeats=1, ttit_tokens=3, throughput_batch=2, throughput_s=64,
+                        progress=False)
+    assert [r.s for r in report.rows] == [64, 128]
+    for r in report.rows:
+        assert r.positions_full - r.positions_refrag == r.s - r.s // 4
+        assert r.kv_bytes_refrag < r.kv_bytes_full
+        assert r.ratio_cached == r.ttft_full_s / r.ttft_cached_s
+    assert report.throughput is not None and report.throughput.batch == 2
+    data = report.to_json()
+    assert set(data["rows"][0]) >= {"s", "ttft_full_s", "ttft_cached_s", "ttft_uncached_s", "ratio_cached",
+                                    "ratio_uncached"}
+    png = plot_ttft(report, tmp_path / "ttft.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from refrag.chunking import make_passage
+from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
+from refrag.errors import InputError
+from refrag.generate import Request, generate, sample_next
+from refrag.prompting import PromptTemplate, choose_expanded, context_layout
+
+from conftest import tiny_refrag
+
+CONTEXT = ["Paris is the capital of France. The quick brown fox jumps over the lazy dog."] * 3
+FULL = CompressionOptions(mode="full")
+
+
+def _request(model, question="What is the capital of France?"):
+    return Request.from_texts(question, CONTEXT, model.tokenizer, ChunkingOptions(k=model.k, passage_tokens=16))
+
+
+def test_full_mode_greedy_equals_hf_generate(model):
+    """KV-cached decoding from inputs_embeds reproduces HF greedy generation on the same tokens."""
+    request = _request(model)
+    template = PromptTemplate.for_tokenizer(model.tokenizer)
+    layout = context_layout(model, template, template.question_ids(model.tokenizer, request.question),
+                            request.passages, None, set(range(100)))
+    ours = generate(model, [request], compression=FULL, sampling=SamplingOptions(max_new_tokens=8))[0]
+    ref = model.decoder.generate(layout.token_ids[None], attention_mask=torch.ones(1, layout.length, dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert list(ours.token_ids) == ref[0, layout.length :].tolist()[: len(ours.token_ids)]
+    assert len(ours.token_ids) >= 1 and ours.decoder_positions == layout.length
+
+
+def test_batch_equals_single(model):
+    a = _request(model)
+    b = Request.from_texts("Where do rivers flow?", CONTEXT[:1], model.tokenizer, ChunkingOptions(k=model.k, passage_tokens=16))
+    sampling = SamplingOptions(max_new_tokens=6)
+    for mode in ("full", "refrag"):
+        comp = CompressionOptions(mode=mode)
+        batch = generate(model, [a, b], compression=comp, sampling=sampling)
+        single = [generate(model, [r], compression=comp, sampling=sampling)[0] for r in (a, b)]
+        assert [x.token_ids for x in batch] == [x.token_ids for x in single]
+
+
+def test_refrag_uses_one_position_per_compressed_chunk(model):
+    request = _request(model)
+    n_chunks = sum(len(p.chunks) for p in request.passages)
+    full = generate(model, [request], compression=FULL, sampling=SamplingOptions(max_new_tokens=1))[0]
+    ref = generate(model, [request], sampling=SamplingOptions(max_new_tokens=1))[0]
+    assert full.context_positions == full.context_tokens and full.compression == 1.0
+    assert ref.context_positions == n_chunks
+    assert ref.decoder_positions == full.decoder_positions - full.context_tokens + n_chunks
+    assert ref.kv_cache_bytes < full.kv_cache_bytes
+
+
+def test_precomputed_vectors_give_the_same_answer(model):
+    request = _request(model)
+    encoded = tuple(model.encode_chunks([c.text for c in p.chunks]) for p in request.passages)
+    cached = Request(request.question, request.passages, encoded)
+    s = SamplingOptions(max_new_tokens=5)
+    fresh, pre = generate(model, [request], sampling=s)[0], generate(model, [cached], sampling=s)[0]
+    assert fresh.token_ids == pre.token_ids
+    assert pre.timings.encode_s == 0.0 and fresh.timings.encode_s > 0.0
+    with pytest.raises(InputError, match="chunk count"):
+        generate(model, [Request(request.question, request.passages, encoded[:1])])
+
+
+def test_streaming_concatenates_to_the_answer_and_stop_strings_cut(model):
+    request = _request(model)
+    pieces: list[str] = []
+    answer = generate(model, [request], sampling=SamplingOptions(max_new_tokens=12),
+                      on_text=lambda row, t: pieces.append(t))[0]
+    assert "".join(pieces).strip() == answer.text
+    if len(answer.text) > 3:
+        stop = answer.text[2:4]
+        cut = generate(model, [request], sampling=SamplingOptions(max_new_tokens=12, stop=(stop,)))[0]
+        assert cut.finish_reason == "stop" and stop not in cut.text
+
+
+def test_sampling_is_seeded():
+    logits = torch.randn(4, 50)
+    a = sample_next(logits, SamplingOptions(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(3))
+    b = sample_next(logits, SamplingOptions(temperature=1.0, top_p=0.9), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    greedy = sample_next(logits, SamplingOptions(), None)
+    assert torch.equal(greedy, logits.argmax(-1))
+    top1 = sample_next(logits, SamplingOptions(temperature=1.0, top_p=1e-6), torch.Generator().manual_seed(0))
+    assert torch.equal(top1, logits.argmax(-1))  # nucleus of one token is greedy
+
+
+def test_expansion_choices():
+    enc = torch.eye(4)
+    full = CompressionOptions(mode="full")
+    assert choose_expanded(4, full) == {0, 1, 2, 3}
+    assert choose_expanded(4, CompressionOptions()) == set()
+    assert choose_expanded(4, CompressionOptions(expand_fraction=0.5, expand_strategy="first")) == {0, 1}
+    sim = CompressionOptions(expand_fraction=0.25)
+    assert choose_expanded(4, sim, chunk_encodings=enc, question_encoding=enc[2]) == {2}
+    rnd = CompressionOptions(expand_fraction=0.5, expand_strategy="random", seed=1)
+    assert choose_expanded(4, rnd) == choose_expanded(4, rnd) and len(choose_expanded(4, rnd)) == 2
+
+
+def test_expanded_chunks_reduce_compression(model):
+    request = _request(model)
+    half = generate(model, [request], compression=CompressionOptions(expand_fraction=0.5),
+                    sampling=SamplingOptions(max_new_tokens=1))[0]
+    n = sum(len(p.chunks) for p in request.passages)
+    assert len(half.expanded_chunks) == round(0.5 * n)
+    assert 1.0 < half.compression < model.k
+
+
+@pytest.mark.parametrize("question", ["", "   "])
+def test_empty_question(model, question):
+    with pytest.raises(InputError, match="question is empty"):
+        generate(model, [Request(question, _request(model).passages)])
+
+
+def test_empty_context_and_too_long_context():
+    model = tiny_refrag("llama")
+    with pytest.raises(InputError, match="context is empty"):
+        Request.from_texts("q?", [""], model.tokenizer)
+    with pytest.raises(InputError, match="context is empty"):
+        generate(model, [Request("q?", ())])
+    long_ids = list(range(10, 300)) * 3  # 870 tokens > the tiny decoder's 512 window
+    passages = tuple(make_passage(long_ids[i : i + 64], model.tokenizer, model.k) for i in range(0, 870, 64))
+    with pytest.raises(InputError, match="window is 512"):
+        generate(model, [Request("q?", passages)], compression=FULL)
+    ok = generate(model, [Request("q?", passages)], sampling=SamplingOptions(max_new_tokens=1))[0]
+    assert ok.decoder_positions < 512  # refrag mode fits 4x more context in the same window
+
+
+def test_bad_options():
+    with pytest.raises(InputError, match="mode"):
+        CompressionOptions(mode="zip")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="expand_fraction"):
+        CompressionOptions(expand_fraction=1.5)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        SamplingOptions(max_new_tokens=0)
+    with pytest.raises(InputError, match="top_p"):
+        SamplingOptions(top_p=0)

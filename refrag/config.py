@@ -63,6 +63,7 @@ class SamplingOptions:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # generation ends when the text contains one of these (it is cut off)
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks: a fixed number of tokens)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:

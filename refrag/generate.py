@@ -227,7 +227,7 @@ def generate(
 
     # 4. KV-cached decoding.
     B = len(requests)
-    eos = _eos_ids(model)
+    eos = set() if sampling.ignore_eos else _eos_ids(model)
     rows = [_Row(tok, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None) for b in range(B)]
     mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
     step_ids = first

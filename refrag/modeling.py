@@ -291,6 +291,13 @@ class RefragModel(nn.Module):
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is set (logits only computed there)."""
+        logits, labels = self.label_logits(inputs)
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def label_logits(self, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [B, K, V] and labels [B, K] at the K positions where any example has a label."""
         if inputs.labels is None:
             raise InputError("forward() needs labels; use decoder_logits() for inference.")
         keep = (inputs.labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
@@ -301,10 +308,7 @@ class RefragModel(nn.Module):
             logits_to_keep=keep,
             use_cache=False,
         )
-        logits = out.logits  # [B, K, V]
-        return nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), inputs.labels[:, keep].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return out.logits, inputs.labels[:, keep]
 
     def decoder_logits(self, inputs: DecoderInputs) -> torch.Tensor:
         """Full logits [B, T, V] (for tests and analysis)."""

@@ -137,3 +137,16 @@ def test_bad_options():
         SamplingOptions(max_new_tokens=0)
     with pytest.raises(InputError, match="top_p"):
         SamplingOptions(top_p=0)
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens():
+    model = tiny_refrag("llama")
+    request = _request(model)
+    eos = model.decoder.generation_config.eos_token_id
+    with torch.no_grad():  # make EOS the certain next token
+        model.decoder.lm_head.bias = torch.nn.Parameter(torch.zeros(model.decoder.config.vocab_size))
+        model.decoder.lm_head.bias[eos] = 1e4
+    stopped = generate(model, [request], sampling=SamplingOptions(max_new_tokens=5))[0]
+    forced = generate(model, [request], sampling=SamplingOptions(max_new_tokens=5, ignore_eos=True))[0]
+    assert stopped.finish_reason == "eos" and stopped.token_ids == ()
+    assert len(forced.token_ids) == 5 and forced.finish_reason == "length"

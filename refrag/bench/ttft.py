@@ -101,7 +101,7 @@ def _run(model: RefragModel, requests: Sequence[Request], mode: str, new_tokens:
         model,
         requests,
         compression=CompressionOptions(mode=mode),  # type: ignore[arg-type]
-        sampling=SamplingOptions(max_new_tokens=new_tokens),
+        sampling=SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True),
     )[0]
 
 
@@ -110,7 +110,7 @@ def bench_ttft(
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     *,
     repeats: int = 3,
-    ttit_tokens: int = 16,
+    ttit_tokens: int = 16,  # tokens generated per timed run (TTFT at the first, TTIT over the rest)
     throughput_batch: int = 8,
     throughput_s: int = 2048,
     progress: bool = True,
@@ -122,24 +122,17 @@ def bench_ttft(
     warm = context_request(model, min(lengths))
     for mode in ("full", "refrag"):
         _run(model, [warm], mode, 2)
-    bar = tqdm(total=len(lengths) * (repeats * 3 + 2), desc="bench ttft", disable=not progress)
+    bar = tqdm(total=len(lengths) * repeats * 3, desc="bench ttft", disable=not progress)
     for s in lengths:
         plain = context_request(model, s)
         cached = with_cached_vectors(model, plain)
-        times: dict[str, list[float]] = {"full": [], "cached": [], "uncached": []}
-        encode: list[float] = []
-        answers: dict[str, Answer] = {}
-        for _ in range(repeats):
+        runs: dict[str, list[Answer]] = {"full": [], "cached": [], "uncached": []}
+        for _ in range(repeats):  # interleaved, so noise hits the three paths alike
             for name, request, mode in (("full", plain, "full"), ("cached", cached, "refrag"), ("uncached", plain, "refrag")):
-                answers[name] = _run(model, [request], mode, 1)
-                times[name].append(answers[name].timings.ttft_s)
-                if name == "uncached":
-                    encode.append(answers[name].timings.encode_s)
+                runs[name].append(_run(model, [request], mode, ttit_tokens))
                 bar.update()
-        ttit_full = _run(model, [plain], "full", ttit_tokens).timings.ttit_s
-        ttit_refrag = _run(model, [cached], "refrag", ttit_tokens).timings.ttit_s
-        bar.update(2)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = {name: statistics.median(a.timings.ttft_s for a in v) for name, v in runs.items()}
+        answers = {name: v[0] for name, v in runs.items()}
         report.rows.append(
             TTFTRow(
                 s=s,
@@ -148,9 +141,9 @@ def bench_ttft(
                 ttft_uncached_s=med["uncached"],
                 ratio_cached=med["full"] / med["cached"],
                 ratio_uncached=med["full"] / med["uncached"],
-                encode_s=statistics.median(encode),
-                ttit_full_s=ttit_full,
-                ttit_refrag_s=ttit_refrag,
+                encode_s=statistics.median(a.timings.encode_s for a in runs["uncached"]),
+                ttit_full_s=statistics.median(a.timings.ttit_s for a in runs["full"]),
+                ttit_refrag_s=statistics.median(a.timings.ttit_s for a in runs["cached"]),
                 positions_full=answers["full"].decoder_positions,
                 positions_refrag=answers["cached"].decoder_positions,
                 kv_bytes_full=answers["full"].kv_cache_bytes,

@@ -29,6 +29,7 @@ def setup_torch() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-load "Loading weights" bars; refrag shows its own progress
 
 
 def print_json(data: Any) -> None:

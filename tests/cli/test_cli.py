@@ -1,0 +1,72 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from refrag.cli import app
+
+from conftest import tiny_refrag
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_refrag("llama", k=4).save(tmp_path_factory.mktemp("ckpt") / "tiny", save_decoder=True)
+
+
+@pytest.fixture()
+def context(tmp_path):
+    path = tmp_path / "ctx.txt"
+    path.write_text("Paris is the capital of France. The quick brown fox jumps over the lazy dog. " * 3)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["full", "refrag"])
+def test_generate_json(checkpoint, context, mode):
+    result = runner.invoke(app, ["generate", "-c", str(context), "-q", "What is the capital?", "--mode", mode,
+                                 "--model", str(checkpoint), "--dtype", "float32", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["mode"] == mode and data["timings"]["ttft_s"] > 0
+    assert data["compression"] == (1.0 if mode == "full" else pytest.approx(data["context_tokens"] / data["context_positions"]))
+    if mode == "refrag":
+        assert data["compression"] > 3
+
+
+def test_generate_streams_text_and_reports_timings(checkpoint, context):
+    result = runner.invoke(app, ["generate", "-c", str(context), "-q", "What is the capital?", "--model",
+                                 str(checkpoint), "--dtype", "float32", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "TTFT" in result.output and "positions" in result.output
+
+
+def test_bad_inputs_exit_with_a_clear_message(checkpoint, context, tmp_path):
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    cases = [
+        (["-c", str(tmp_path / "missing.txt"), "-q", "q?"], "not found"),
+        (["-c", str(binary), "-q", "q?"], "not UTF-8"),
+        (["-c", str(context), "-q", "  "], "question is empty"),
+        (["-c", str(context), "-q", "q?", "--mode", "zip"], "mode must be"),
+        (["-c", str(context), "-q", "q?", "--expand-fraction", "2"], "expand_fraction"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["generate", *args, "--model", str(checkpoint), "--dtype", "float32"])
+        assert result.exit_code != 0
+        assert message in str(result.exception), (args, result.exception)
+
+
+def test_unknown_model_name_is_a_clear_error(context):
+    result = runner.invoke(app, ["generate", "-c", str(context), "-q", "q?", "--decoder", "no-such-model"])
+    assert result.exit_code != 0 and "unknown model" in str(result.exception)
+
+
+def test_main_prints_one_line_errors(capsys, monkeypatch, context):
+    from refrag.cli import main
+
+    monkeypatch.setattr("sys.argv", ["refrag", "generate", "-c", str(context), "-q", "q?", "--decoder", "nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "error: unknown model 'nope'" in capsys.readouterr().err

@@ -142,6 +142,50 @@ class _Row:
         self._emitted = len(self.text)
 
 
+def _num_chunks(request: Request) -> int:
+    return sum(len(p.chunks) for p in request.passages)
+
+
+def _chunk_encodings(
+    model: RefragModel, requests: Sequence[Request], compression: CompressionOptions
+) -> tuple[list[torch.Tensor | None], float]:
+    """Per request [L, E] encoder outputs (None in full mode) and the seconds spent encoding at query time.
+
+    Precomputed encodings are used as given; the rest of the batch is encoded in one call.
+    """
+    if compression.mode == "full":
+        return [None] * len(requests), 0.0
+    t0 = time.perf_counter()
+    todo = [r for r in requests if r.encoded is None]
+    fresh = model.encode_chunks([c.text for r in todo for p in r.passages for c in p.chunks])  # [sum L, E]
+    encode_s = time.perf_counter() - t0 if todo else 0.0
+    out: list[torch.Tensor | None] = []
+    offset = 0
+    for r in requests:
+        n = _num_chunks(r)
+        if r.encoded is None:
+            out.append(fresh[offset : offset + n])
+            offset += n
+            continue
+        given = torch.cat([e.to(model.device) for e in r.encoded])
+        if given.shape[0] != n:
+            raise InputError(
+                f"precomputed chunk vectors ({given.shape[0]}) do not match the passages' chunk count ({n})."
+            )
+        out.append(given)
+    return out, encode_s
+
+
+def _expanded(
+    model: RefragModel, request: Request, encoded: torch.Tensor | None, compression: CompressionOptions
+) -> set[int]:
+    """Chunks kept as raw tokens; the similarity strategy encodes the question with the chunk encoder."""
+    question = None
+    if encoded is not None and compression.expand_fraction > 0 and compression.expand_strategy == "similarity":
+        question = model.encode_chunks([request.question])[0]
+    return choose_expanded(_num_chunks(request), compression, chunk_encodings=encoded, question_encoding=question)
+
+
 @torch.inference_mode()
 def generate(
     model: RefragModel,
@@ -165,37 +209,12 @@ def generate(
         if not r.passages:
             raise InputError("context is empty: give at least one passage (or use no context at all).")
 
-    # 1. chunk vectors: precomputed encoder outputs, or encode now ("uncached"); then project.
-    t_enc = time.perf_counter()
-    encoded: list[torch.Tensor | None] = [None] * len(requests)
-    if compression.mode == "refrag":
-        todo = [i for i, r in enumerate(requests) if r.encoded is None]
-        texts = [c.text for i in todo for p in requests[i].passages for c in p.chunks]
-        fresh = model.encode_chunks(texts)  # [sum L, E]
-        offset = 0
-        for i, r in enumerate(requests):
-            if r.encoded is None:
-                n = sum(len(p.chunks) for p in r.passages)
-                encoded[i] = fresh[offset : offset + n]
-                offset += n
-            else:
-                encoded[i] = torch.cat([e.to(model.device) for e in r.encoded])
-                if encoded[i].shape[0] != sum(len(p.chunks) for p in r.passages):
-                    raise InputError("precomputed chunk vectors do not match the passages' chunk count.")
-    encode_s = time.perf_counter() - t_enc if compression.mode == "refrag" and any(
-        r.encoded is None for r in requests
-    ) else 0.0
-
-    # 2. layouts: choose expanded chunks, place vectors and tokens in order.
+    encoded, encode_s = _chunk_encodings(model, requests, compression)
     layouts, expanded_sets = [], []
-    for i, r in enumerate(requests):
-        n_chunks = sum(len(p.chunks) for p in r.passages)
-        q_enc = None
-        if compression.mode == "refrag" and compression.expand_fraction > 0 and compression.expand_strategy == "similarity":
-            q_enc = model.encode_chunks([r.question])[0]
-        expanded = choose_expanded(n_chunks, compression, chunk_encodings=encoded[i], question_encoding=q_enc)
-        vectors = model.project(encoded[i]) if compression.mode == "refrag" else None
-        layouts.append(context_layout(model, template, question_ids[i], r.passages, vectors, expanded))
+    for r, q_ids, enc in zip(requests, question_ids, encoded):
+        expanded = _expanded(model, r, enc, compression)
+        vectors = model.project(enc) if enc is not None else None  # [L, D]
+        layouts.append(context_layout(model, template, q_ids, r.passages, vectors, expanded))
         expanded_sets.append(expanded)
     limit = getattr(model.decoder.config, "max_position_embeddings", None)
     longest = max(x.length for x in layouts)
@@ -206,7 +225,7 @@ def generate(
         )
     inputs = model.build_inputs(layouts)
 
-    # 3. prefill (logits for the last position only) and first token.
+    # prefill (logits for the last position only) and the first token
     t_pre = time.perf_counter()
     out = model.decoder(
         inputs_embeds=inputs.inputs_embeds,
@@ -225,7 +244,7 @@ def generate(
     cache = out.past_key_values
     kv_bytes = kv_cache_bytes(cache)
 
-    # 4. KV-cached decoding.
+    # KV-cached decoding
     B = len(requests)
     eos = set() if sampling.ignore_eos else _eos_ids(model)
     rows = [_Row(tok, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None) for b in range(B)]

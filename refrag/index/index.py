@@ -1,0 +1,335 @@
+"""Index: passages + retrieval vectors (vector store) + stored chunk encodings, in one crash-safe folder.
+
+Layout of an index folder (every write goes to a temporary sibling that is renamed at the end, so a crash or
+kill during ``build`` or ``add`` leaves the previous index intact)::
+
+    index.json               versioned manifest: models the index is keyed to, store settings, shards
+    shard-00000.safetensors  chunk encodings [M, E] bf16 + decoder token ids + offsets (memory-mapped)
+    shard-00000.jsonl        passage metadata (text, source, line, offset, title)
+    vectors.faiss | lance/   retrieval vectors, passage i has id i
+
+The chunk encodings are keyed to the chunk encoder that made them (its spec, a hash of its weights, pooling,
+max tokens), to k and to the decoder tokenizer (token ids are stored): :meth:`Index.check_model` refuses a
+mismatching model instead of feeding the decoder garbage.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from refrag.chunking import Passage, make_passage, split_passages
+from refrag.config import DEFAULT_ENCODER, ChunkingOptions
+from refrag.errors import CheckpointError, InputError
+from refrag.index.chunkstore import PassageMeta, ShardReader, ShardWriter
+from refrag.index.ingest import iter_documents
+from refrag.index.retrieval import RetrievalEncoder
+from refrag.index.store import StoreOptions, VectorStore, create_store, open_store
+from refrag.io import atomic_dir, write_json_atomic
+from refrag.modeling import RefragModel
+
+MANIFEST = "index.json"
+FORMAT = "refrag-index"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How an index is built (saved in its manifest; ``add`` reuses the saved values)."""
+
+    passage_tokens: int = 256  # max decoder tokens per passage
+    retrieval_encoder: str = DEFAULT_ENCODER  # sentence-transformers model for passage/query vectors
+    store: StoreOptions = field(default_factory=StoreOptions)
+    shard_passages: int = 8192  # passages per chunk-store shard
+    batch_passages: int = 128  # passages encoded together
+
+    def __post_init__(self) -> None:
+        if self.shard_passages <= 0 or self.batch_passages <= 0:
+            raise InputError("shard_passages and batch_passages must be positive.")
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What one build or add wrote, and how long its parts took."""
+
+    passages: int
+    chunks: int
+    total_s: float  # wall time of the whole build/add
+    chunk_encode_s: float  # chunk encoder (RefragModel.encode_chunks)
+    retrieval_encode_s: float  # retrieval encoder (sentence-transformers)
+
+    @property
+    def passages_per_s(self) -> float:
+        return self.passages / max(self.total_s, 1e-9)
+
+    @property
+    def chunks_per_s(self) -> float:
+        """Chunk-encoding throughput (chunks per second of chunk-encoder time)."""
+        return self.chunks / max(self.chunk_encode_s, 1e-9)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: int  # global passage number
+    score: float  # cosine similarity of query and passage
+    meta: PassageMeta
+
+
+def model_key(model: RefragModel) -> dict:
+    """What stored chunk encodings depend on: the chunk encoder's weights and settings, k, the tokenizer."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    return {
+        "k": model.k,
+        "chunk_encoder": model.config.encoder,
+        "chunk_encoder_sha256": h.hexdigest(),
+        "pooling": model.config.pooling,
+        "encoder_max_tokens": model.config.encoder_max_tokens,
+        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
+    }
+
+
+class Index:
+    """A retrieval index whose passages carry their precomputed chunk encodings.
+
+    Build with :meth:`build`, reopen with :meth:`open`, extend with :meth:`add`, query with :meth:`search`.
+    """
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path, self.manifest = path, manifest
+        self.options = IndexOptions(
+            passage_tokens=manifest["passage_tokens"],
+            retrieval_encoder=manifest["retrieval"]["encoder"],
+            store=StoreOptions(**manifest["retrieval"]["store"]),
+        )
+        self.shards = [ShardReader(path, entry) for entry in manifest["shards"]]
+        self._starts = list(np.cumsum([0] + [len(s) for s in self.shards]))  # global id of each shard's row 0
+        self.store: VectorStore = open_store(path, self.options.store, manifest["retrieval"]["dim"])
+        if len(self.store) != len(self):
+            raise CheckpointError(f"{path}: {len(self.store)} retrieval vectors for {len(self)} passages; rebuild.")
+        self._retriever: RetrievalEncoder | None = None
+        self.stats: BuildStats | None = None  # set by build / add
+
+    # ---------------------------------------------------------------- build, open, add
+    @classmethod
+    def build(
+        cls,
+        paths: Sequence[str | Path] | str | Path,
+        out: str | Path,
+        model: RefragModel,
+        options: IndexOptions = IndexOptions(),
+        *,
+        retriever: RetrievalEncoder | None = None,
+        progress: bool = True,
+    ) -> Index:
+        """Index every passage of ``paths`` into the folder ``out`` (replaced atomically when it exists)."""
+        out = Path(out)
+        retriever = retriever or RetrievalEncoder(options.retrieval_encoder)
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "passage_tokens": options.passage_tokens,
+            "decoder": model.config.decoder,  # default decoder for `refrag ask` (only its tokenizer is keyed)
+            "model": model_key(model),
+            "chunk_dim": model.encoder.config.hidden_size,
+            "chunk_dtype": "bfloat16",
+            "retrieval": {"encoder": options.retrieval_encoder, "dim": retriever.dim,
+                          "store": options.store.to_json()},
+            "shards": [],
+            "builds": [],  # BuildStats of the build and of every add
+        }
+        store = create_store(options.store, retriever.dim)
+        with atomic_dir(out) as tmp:
+            stats = _ingest(tmp, paths, model, retriever, store, manifest, options, progress)
+            store.save(tmp)
+            manifest["builds"].append(asdict(stats))
+            write_json_atomic(tmp / MANIFEST, manifest)
+        index = cls.open(out)
+        index._retriever, index.stats = retriever, stats
+        return index
+
+    @classmethod
+    def open(cls, path: str | Path) -> Index:
+        """Open an index folder written by :meth:`build` / :meth:`add`."""
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} has no {MANIFEST}: not a refrag index (build one with "
+                                  "`refrag index build`).") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}/{MANIFEST} is corrupt ({e}); rebuild the index.") from e
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"{path}/{MANIFEST} is not a refrag index manifest.")
+        if manifest.get("version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer refrag (format {manifest['version']}); upgrade.")
+        return cls(path, manifest)
+
+    def add(
+        self,
+        paths: Sequence[str | Path] | str | Path,
+        model: RefragModel,
+        *,
+        batch_passages: int = 128,
+        progress: bool = True,
+    ) -> BuildStats:
+        """Append the passages of ``paths``. Existing shards are kept (hard-linked); the swap is atomic."""
+        self.check_model(model)
+        manifest = json.loads(json.dumps(self.manifest))
+        options = IndexOptions(self.options.passage_tokens, self.options.retrieval_encoder, self.options.store,
+                               batch_passages=batch_passages)
+        with atomic_dir(self.path) as tmp:
+            for entry in manifest["shards"]:
+                for suffix in (".safetensors", ".jsonl"):
+                    _link_or_copy(self.path / f"{entry['name']}{suffix}", tmp / f"{entry['name']}{suffix}")
+            if (self.path / "lance").is_dir():
+                shutil.copytree(self.path / "lance", tmp / "lance")
+            store = open_store(self.path, self.options.store, manifest["retrieval"]["dim"])  # self.store stays
+            stats = _ingest(tmp, paths, model, self.retriever, store, manifest, options, progress)  # as it was
+            store.save(tmp)
+            manifest["builds"].append(asdict(stats))
+            write_json_atomic(tmp / MANIFEST, manifest)
+        retriever = self._retriever
+        self.__init__(self.path, manifest)  # reopen the swapped-in folder
+        self._retriever, self.stats = retriever, stats
+        return stats
+
+    # ---------------------------------------------------------------- queries
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def retriever(self) -> RetrievalEncoder:
+        if self._retriever is None:
+            self._retriever = RetrievalEncoder(self.options.retrieval_encoder)
+            if self._retriever.dim != self.manifest["retrieval"]["dim"]:
+                raise CheckpointError(f"{self.path}: retrieval encoder {self.options.retrieval_encoder} gives "
+                                      f"{self._retriever.dim}-d vectors, the index holds "
+                                      f"{self.manifest['retrieval']['dim']}-d; rebuild the index.")
+        return self._retriever
+
+    def search(self, query: str, top_k: int = 5) -> list[SearchHit]:
+        """The ``top_k`` passages most similar to ``query`` (fewer when the index is smaller), best first."""
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("the query is empty: give a question or some keywords.")
+        if not isinstance(top_k, int) or top_k <= 0:
+            raise InputError(f"top_k must be a positive integer (got {top_k!r}).")
+        scores, ids = self.store.search(self.retriever.encode([query]), min(top_k, len(self)))
+        return [SearchHit(int(i), float(s), self.meta(int(i))) for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+    def _locate(self, passage_id: int) -> tuple[ShardReader, int]:
+        if not 0 <= passage_id < len(self):
+            raise InputError(f"passage id {passage_id} is out of range (the index has {len(self)} passages).")
+        s = bisect.bisect_right(self._starts, passage_id) - 1
+        return self.shards[s], passage_id - int(self._starts[s])
+
+    def meta(self, passage_id: int) -> PassageMeta:
+        shard, row = self._locate(passage_id)
+        return shard.meta(row)
+
+    def passage(self, passage_id: int, tokenizer) -> Passage:
+        """The stored passage, chunked exactly as at build time (decoder tokenizer must match the index)."""
+        shard, row = self._locate(passage_id)
+        return make_passage(shard.token_ids(row), tokenizer, self.k, text=shard.meta(row).text)
+
+    def encoded(self, passage_id: int) -> torch.Tensor:
+        """[L, E] stored chunk encoder outputs of a passage (bf16, memory-mapped)."""
+        shard, row = self._locate(passage_id)
+        return shard.encoded(row)
+
+    @property
+    def k(self) -> int:
+        return int(self.manifest["model"]["k"])
+
+    def check_model(self, model: RefragModel) -> None:
+        """CheckpointError unless ``model`` has the chunk encoder, k and tokenizer this index was built with."""
+        want, got = self.manifest["model"], model_key(model)
+        diff = [f"{key}: index {want.get(key)!r} vs model {got[key]!r}" for key in got if want.get(key) != got[key]]
+        if diff:
+            raise CheckpointError(
+                f"{self.path} was built for another chunk encoder / k / tokenizer ({'; '.join(diff)}). "
+                "Load the model the index was built with, or rebuild the index with this model "
+                "(`refrag index build ... --model ...`)."
+            )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _ingest(
+    folder: Path,
+    paths,
+    model: RefragModel,
+    retriever: RetrievalEncoder,
+    store: VectorStore,
+    manifest: dict,
+    options: IndexOptions,
+    progress: bool,
+) -> BuildStats:
+    """Split, encode and write the passages of ``paths`` into ``folder``; appends shards to ``manifest``."""
+    t0 = time.perf_counter()
+    chunking = ChunkingOptions(k=model.k, passage_tokens=options.passage_tokens)
+    timers = {"chunk": 0.0, "retrieval": 0.0}
+    counts = {"passages": 0, "chunks": 0}
+    writer = ShardWriter()
+    batch: list[tuple[PassageMeta, Passage]] = []
+
+    def flush_batch() -> None:
+        nonlocal writer
+        t = time.perf_counter()
+        encoded = model.encode_chunks([c.text for _, p in batch for c in p.chunks])  # [sum L, E]
+        timers["chunk"] += time.perf_counter() - t
+        t = time.perf_counter()
+        store.add(retriever.encode([m.text for m, _ in batch]))  # [B, dim]
+        timers["retrieval"] += time.perf_counter() - t
+        start = 0
+        for meta, p in batch:
+            writer.append(meta, p.token_ids, encoded[start : start + len(p.chunks)])
+            start += len(p.chunks)
+        counts["passages"] += len(batch)
+        counts["chunks"] += start
+        bar.update(len(batch))
+        batch.clear()
+        if len(writer) >= options.shard_passages:
+            flush_shard()
+
+    def flush_shard() -> None:
+        nonlocal writer
+        manifest["shards"].append(writer.write(folder, f"shard-{len(manifest['shards']):05d}"))
+        writer = ShardWriter()
+
+    with torch.inference_mode(), tqdm(desc="indexing", unit="passage", disable=not progress) as bar:
+        for doc in iter_documents(paths):
+            cursor = 0
+            for p in split_passages(doc.text, model.tokenizer, chunking):
+                found = doc.text.find(p.text[:40], cursor)
+                cursor = found if found >= 0 else cursor
+                batch.append((PassageMeta(p.text, doc.source, doc.line, cursor, doc.title), p))
+                if len(batch) >= options.batch_passages:
+                    flush_batch()
+        if batch:
+            flush_batch()
+        if len(writer):
+            flush_shard()
+    if counts["passages"] == 0:
+        raise InputError(f"no text found in {paths}: the corpus is empty.")
+    return BuildStats(counts["passages"], counts["chunks"], time.perf_counter() - t0,
+                      timers["chunk"], timers["retrieval"])

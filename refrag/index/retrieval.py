@@ -1,0 +1,37 @@
+"""The RETRIEVAL encoder (passage and query vectors for the vector store): any sentence-transformers model.
+
+Distinct from the RefragModel's CHUNK encoder (whose outputs the chunk store keeps), though both default to
+all-MiniLM-L6-v2. Vectors are L2-normalised float32, so inner product is cosine similarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from refrag.config import DEFAULT_ENCODER
+
+
+class RetrievalEncoder:
+    """A sentence-transformers model resolved like any refrag model spec (built-in name, folder, HF id)."""
+
+    def __init__(self, spec: str = DEFAULT_ENCODER, *, dtype: str = "bfloat16", progress: bool = False) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from refrag.models import resolve
+
+        self.spec = spec
+        path = resolve(spec, progress=progress).path
+        self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
+        self.dim = int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """texts -> [N, dim] float32 unit vectors."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            out = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=False)
+        return np.ascontiguousarray(out, dtype=np.float32)

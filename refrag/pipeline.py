@@ -1,0 +1,53 @@
+"""Question -> retrieval -> compressed (or full) context -> answer, with sources and timings.
+
+In refrag mode the decoder reads the index's stored chunk encodings (projected now, the "cached" path): a
+question costs one retrieval, one projection and one short prefill; no chunk is encoded at query time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from refrag.config import CompressionOptions, SamplingOptions
+from refrag.generate import Answer, Request, generate
+from refrag.index import Index, SearchHit
+from refrag.modeling import RefragModel
+
+
+@dataclass(frozen=True)
+class AskResult:
+    question: str
+    answer: Answer
+    hits: tuple[SearchHit, ...]  # the passages given to the decoder, best first
+    retrieval_s: float  # query encoding + vector search + reading the passages (and their chunk vectors)
+
+    @property
+    def ttft_s(self) -> float:
+        """Question in -> first answer token out, retrieval included."""
+        return self.retrieval_s + self.answer.timings.ttft_s
+
+
+class Pipeline:
+    """Retrieval-augmented answering over an :class:`Index` with a :class:`RefragModel`."""
+
+    def __init__(self, index: Index, model: RefragModel) -> None:
+        index.check_model(model)  # stored chunk encodings must come from this model's chunk encoder
+        self.index, self.model = index, model
+
+    def ask(
+        self,
+        question: str,
+        *,
+        top_k: int = 5,
+        compression: CompressionOptions = CompressionOptions(),
+        sampling: SamplingOptions = SamplingOptions(),
+    ) -> AskResult:
+        t0 = time.perf_counter()
+        hits = self.index.search(question, top_k)
+        passages = tuple(self.index.passage(h.id, self.model.tokenizer) for h in hits)
+        encoded = tuple(self.index.encoded(h.id) for h in hits) if compression.mode == "refrag" else None
+        retrieval_s = time.perf_counter() - t0
+        request = Request(question=question, passages=passages, encoded=encoded)
+        answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
+        return AskResult(question, answer, tuple(hits), retrieval_s)

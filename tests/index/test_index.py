@@ -1,0 +1,163 @@
+"""Index build / open / add / search / passages, crash safety and bad inputs, on tiny random models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from index_helpers import DOCS, corpus, options, retrieval_spec, rmodel, write_corpus  # noqa: F401
+from refrag.config import CompressionOptions, SamplingOptions
+from refrag.errors import CheckpointError, InputError
+from refrag.index import Index
+from refrag.pipeline import Pipeline
+
+from conftest import tiny_refrag
+
+
+def build(corpus, tmp_path, rmodel, options) -> Index:
+    return Index.build(corpus, tmp_path / "idx", rmodel, options, progress=False)
+
+
+def test_build_search_roundtrip(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    assert len(index) == index.stats.passages > len(DOCS)  # passages of <= 16 tokens: several per document
+    assert len(index.manifest["shards"]) > 1  # 4 passages per shard: ids cross shard boundaries
+    for pid in range(len(index)):
+        hit = index.search(index.meta(pid).text, top_k=1)[0]
+        assert hit.id == pid and hit.score == pytest.approx(1.0, abs=1e-2)  # bf16 retrieval encoder
+        passage = index.passage(pid, rmodel.tokenizer)
+        assert 0 < passage.num_tokens <= options.passage_tokens
+        stored = index.encoded(pid)  # [L, E]
+        fresh = rmodel.encode_chunks([c.text for c in passage.chunks])
+        assert stored.shape == fresh.shape == (len(passage.chunks), rmodel.encoder.config.hidden_size)
+        torch.testing.assert_close(stored.float(), fresh.float(), atol=2e-2, rtol=2e-2)
+    metas = [index.meta(i) for i in range(len(index))]
+    assert {Path(m.source).name for m in metas} == {"docs.jsonl", "numbers.txt", "mountains.md"}
+    fox = next(m for m in metas if m.title == "Fox")
+    assert fox.line == 2 and fox.text in DOCS[1][1]
+    assert next(m for m in metas if m.source.endswith(".md")).title == "Mountains"
+    second = [m for m in metas if m.title == "Paris"][1]
+    assert DOCS[0][1][second.offset :].startswith(second.text[:10])  # offset points into the document
+
+
+def test_open_and_add(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    before = [index.meta(i) for i in range(len(index))]
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Question answer context passage chunk token vector encoder decoder projector.", "utf-8")
+    stats = index.add([extra], rmodel, progress=False)
+    reopened = Index.open(tmp_path / "idx")
+    assert len(reopened) == len(index) == len(before) + stats.passages
+    assert [reopened.meta(i) for i in range(len(before))] == before  # old ids unchanged
+    new_id = len(before)
+    assert reopened.search(reopened.meta(new_id).text, 1)[0].id == new_id
+    assert len(reopened.manifest["builds"]) == 2
+
+
+def test_ask_uses_stored_chunk_vectors(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    pipe = Pipeline(index, rmodel)
+    sampling = SamplingOptions(max_new_tokens=3)
+    refrag = pipe.ask("Paris is the capital of France.", top_k=2, sampling=sampling)
+    full = pipe.ask("Paris is the capital of France.", top_k=2, compression=CompressionOptions(mode="full"),
+                    sampling=sampling)
+    assert refrag.hits[0].meta.title == "Paris" and len(refrag.hits) == 2
+    assert refrag.answer.timings.encode_s == 0.0  # cached path: nothing encoded at query time
+    assert refrag.answer.decoder_positions < full.answer.decoder_positions
+    assert refrag.ttft_s >= refrag.retrieval_s > 0
+
+
+def test_bad_inputs(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    with pytest.raises(InputError, match="empty"):
+        index.search("   ")
+    assert len(index.search("fox", top_k=1000)) == len(index)  # top-k larger than the corpus
+    with pytest.raises(InputError, match="top_k"):
+        index.search("fox", top_k=0)
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("  \n\n ", "utf-8")
+    with pytest.raises(InputError, match="empty"):
+        Index.build(blank, tmp_path / "other", rmodel, options, progress=False)
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x89PNG\x00\x00\x01")
+    with pytest.raises(InputError, match="bin.txt.*binary"):
+        Index.build(binary, tmp_path / "other", rmodel, options, progress=False)
+    latin = tmp_path / "latin.md"
+    latin.write_bytes("caf\u00e9".encode("latin-1"))
+    with pytest.raises(InputError, match="latin.md is not valid UTF-8"):
+        Index.build(latin, tmp_path / "other", rmodel, options, progress=False)
+    with pytest.raises(InputError, match="unsupported"):
+        Index.build(tmp_path / "idx" / "index.json", tmp_path / "other", rmodel, options, progress=False)
+    assert not (tmp_path / "other").exists()
+
+
+def test_model_mismatch_is_an_error(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    Pipeline(index, tiny_refrag("llama", k=4))  # same weights, same k: accepted
+    with pytest.raises(CheckpointError, match="k: index 4 vs model 8"):
+        Pipeline(index, tiny_refrag("llama", k=8))
+    other = tiny_refrag("llama", k=4)
+    with torch.no_grad():
+        other.encoder.embeddings.word_embeddings.weight.mul_(1.5)  # a retrained chunk encoder
+    with pytest.raises(CheckpointError, match="chunk_encoder_sha256.*rebuild the index"):
+        index.add(corpus, other, progress=False)
+
+
+def test_failed_add_leaves_index_intact(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    n = len(index)
+    bad = tmp_path / "bad"
+    write_corpus(bad)
+    (bad / "zz.txt").write_bytes(b"\x00\x01binary")  # read after the good files: fails mid-add
+    with pytest.raises(InputError, match="zz.txt"):
+        index.add(bad, rmodel, progress=False)
+    assert len(Index.open(tmp_path / "idx")) == len(index) == n
+    assert len(index.search("fox", 100)) == n
+    assert not list(tmp_path.glob(".idx.tmp-*"))
+
+
+KILLED_BUILD = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {index_tests!r}]
+from conftest import tiny_refrag
+from refrag.index import Index, IndexOptions
+opts = IndexOptions(passage_tokens=16, retrieval_encoder={retrieval!r}, batch_passages=2)
+model = tiny_refrag("llama", k=4)
+encode = model.encode_chunks
+def slow(texts, *a, **kw):  # so the kill lands mid-build
+    import time; time.sleep(0.2); return encode(texts, *a, **kw)
+model.encode_chunks = slow
+Index.build({corpus!r}, {out!r}, model, opts, progress=False)
+"""
+
+
+def test_killed_build_leaves_old_index_loadable(corpus, tmp_path, rmodel, options, retrieval_spec):
+    index = build(corpus, tmp_path, rmodel, options)
+    n = len(index)
+    big = tmp_path / "big.txt"
+    big.write_text(" ".join(text for _, text in DOCS) * 30, "utf-8")
+    tests = Path(__file__).resolve().parent
+    script = KILLED_BUILD.format(tests=str(tests.parent), index_tests=str(tests), retrieval=retrieval_spec,
+                                 corpus=str(big), out=str(tmp_path / "idx"))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".idx.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".idx.tmp-*"))  # the half-written build is left aside ...
+    reopened = Index.open(tmp_path / "idx")  # ... and the old index is intact
+    assert len(reopened) == n and reopened.search(reopened.meta(0).text, 1)[0].id == 0
+    rebuilt = Index.build(corpus, tmp_path / "idx", rmodel, options, progress=False)  # a rerun restarts cleanly
+    assert len(rebuilt) == n and not list(tmp_path.glob(".idx.tmp-*"))

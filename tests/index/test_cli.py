@@ -1,0 +1,62 @@
+"""`refrag index build|add`, `refrag search`, `refrag ask` end to end on a saved tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from index_helpers import corpus, retrieval_spec  # noqa: F401
+from refrag.cli import index as cli
+from refrag.errors import CheckpointError
+
+from conftest import tiny_refrag
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    app = typer.Typer()
+    app.add_typer(cli.app, name="index")
+    app.command("search")(cli.search_cmd)
+    app.command("ask")(cli.ask_cmd)
+    return app
+
+
+def run(app, *args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
+    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    built = json.loads(run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder",
+                           retrieval_spec, "--passage-tokens", 16, "--json"))
+    assert built["passages"] > 0 and built["chunks"] >= built["passages"]
+    extra = tmp_path / "extra.md"
+    extra.write_text("# Extra\n\nThe lazy dog sleeps by the sea.", "utf-8")
+    added = json.loads(run(app, "index", "add", idx, extra, "--model", ckpt, "--json"))
+    assert added["passages"] >= 1
+    hits = json.loads(run(app, "search", idx, "The lazy dog sleeps by the sea.", "--top-k", 2, "--json"))
+    assert hits[0]["title"] == "Extra" and len(hits) == 2
+    for mode in ("refrag", "full"):
+        answer = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", mode,
+                                "--max-new-tokens", 2, "--top-k", 3, "--json"))
+        assert answer["mode"] == mode and len(answer["sources"]) == 3 and answer["ttft_s"] > 0
+    text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--max-new-tokens", 2)
+    assert "TTFT" in text and "[1]" in text
+
+
+def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):
+    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "ckpt4", save_encoder=True, save_decoder=True)
+    other = tiny_refrag("llama", k=8).save(tmp_path / "ckpt8", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
+        "--passage-tokens", 16, "--json")
+    with pytest.raises(CheckpointError, match="rebuild the index"):
+        run(app, "ask", idx, "Where?", "--model", other, "--json")

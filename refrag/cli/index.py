@@ -125,7 +125,7 @@ def ask_cmd(
     index_path: IndexPath,
     question: Annotated[str, typer.Argument(help="the question")],
     top_k: TopK = 5,
-    mode: Annotated[str, typer.Option(help="full (passages as tokens) or refrag (stored chunk vectors)")] = "refrag",
+    mode: Annotated[str, typer.Option(help="refrag (stored chunk vectors), full (passages as tokens) or both")] = "refrag",
     max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 64,
     model: Checkpoint = None,
     decoder: OptDecoder = None,
@@ -134,31 +134,42 @@ def ask_cmd(
     dtype: DType = "bfloat16",
     json_out: Json = False,
 ) -> None:
-    """Retrieve, compress with the stored chunk vectors, generate; prints the answer, sources and timings."""
+    """Retrieve, compress with the stored chunk vectors, generate; prints the answer, sources and timings.
+
+    ``--mode both`` answers in full then refrag mode and prints the TTFT ratio.
+    """
     setup_torch()
     from refrag.config import CompressionOptions, SamplingOptions
+    from refrag.errors import InputError
     from refrag.index import Index
     from refrag.pipeline import Pipeline
 
+    modes = ["full", "refrag"] if mode == "both" else [mode]
+    if mode not in ("full", "refrag", "both"):
+        raise InputError(f"--mode must be full, refrag or both (got {mode!r}).")
     index = Index.open(index_path)
-    compression = CompressionOptions(mode=mode)  # type: ignore[arg-type]
-    m = _model(index, model, decoder, encoder, k, dtype, not json_out)
-    result = Pipeline(index, m).ask(question, top_k=top_k, compression=compression,
-                                    sampling=SamplingOptions(max_new_tokens=max_new_tokens))
-    sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)} for h in result.hits]
+    pipe = Pipeline(index, _model(index, model, decoder, encoder, k, dtype, not json_out))
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens)
+    results = {m: pipe.ask(question, top_k=top_k, compression=CompressionOptions(mode=m), sampling=sampling)  # type: ignore[arg-type]
+               for m in modes}
+    ratio = results["full"].ttft_s / results["refrag"].ttft_s if mode == "both" else None
     if json_out:
-        print_json({"question": question, "answer": result.answer.text, "mode": mode, "sources": sources,
-                    "ttft_s": result.ttft_s, "retrieval_s": result.retrieval_s,
-                    "timings": asdict(result.answer.timings), "decoder_positions": result.answer.decoder_positions,
-                    "context_tokens": result.answer.context_tokens})
+        answers = [{"mode": m, "answer": r.answer.text, "ttft_s": r.ttft_s, "retrieval_s": r.retrieval_s,
+                    "timings": asdict(r.answer.timings), "decoder_positions": r.answer.decoder_positions,
+                    "context_tokens": r.answer.context_tokens} for m, r in results.items()]
+        sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
+                   for h in results[modes[0]].hits]
+        print_json({"question": question, "answers": answers, "sources": sources, "ttft_ratio": ratio})
         return
-    typer.secho(result.answer.text, bold=True)
-    for rank, s in enumerate(sources, 1):
-        typer.echo(f"  [{rank}] {s['title']} ({s['source']}, score {s['score']:.3f})")
-    t = result.answer.timings
-    typer.echo(f"mode {mode}: TTFT {result.ttft_s:.3f}s (retrieval {result.retrieval_s * 1e3:.1f} ms, prefill "
-               f"{t.prefill_s:.3f}s, {result.answer.decoder_positions} decoder positions for "
-               f"{result.answer.context_tokens} context tokens), {t.tokens_per_s:.1f} tokens/s")
+    for m, r in results.items():
+        t = r.answer.timings
+        typer.secho(f"[{m}] {r.answer.text}", bold=True)
+        typer.echo(f"  TTFT {r.ttft_s:.3f}s (retrieval {r.retrieval_s * 1e3:.1f} ms, prefill {t.prefill_s:.3f}s, "
+                   f"{r.answer.decoder_positions} decoder positions for {r.answer.context_tokens} context tokens)")
+    for rank, h in enumerate(results[modes[0]].hits, 1):
+        typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
+    if ratio is not None:
+        typer.secho(f"TTFT full / refrag: {ratio:.1f}x", bold=True)
 
 
 def bench_index_cmd(

@@ -110,7 +110,15 @@ class Index:
     """
 
     def __init__(self, path: Path, manifest: dict) -> None:
-        self.path, self.manifest = path, manifest
+        self.path = path
+        self._retriever: RetrievalEncoder | None = None
+        self.stats: BuildStats | None = None  # set by build / add
+        self._load(manifest)
+
+    def _load(self, manifest: dict) -> None:
+        """(Re)read shards and vector store as ``manifest`` describes them."""
+        self.manifest = manifest
+        path = self.path
         self.options = IndexOptions(
             passage_tokens=manifest["passage_tokens"],
             retrieval_encoder=manifest["retrieval"]["encoder"],
@@ -121,8 +129,6 @@ class Index:
         self.store: VectorStore = open_store(path, self.options.store, manifest["retrieval"]["dim"])
         if len(self.store) != len(self):
             raise CheckpointError(f"{path}: {len(self.store)} retrieval vectors for {len(self)} passages; rebuild.")
-        self._retriever: RetrievalEncoder | None = None
-        self.stats: BuildStats | None = None  # set by build / add
 
     # ---------------------------------------------------------------- build, open, add
     @classmethod
@@ -198,14 +204,13 @@ class Index:
                     _link_or_copy(self.path / f"{entry['name']}{suffix}", tmp / f"{entry['name']}{suffix}")
             if (self.path / "lance").is_dir():
                 shutil.copytree(self.path / "lance", tmp / "lance")
-            store = open_store(self.path, self.options.store, manifest["retrieval"]["dim"])  # self.store stays
-            stats = _ingest(tmp, paths, model, self.retriever, store, manifest, options, progress)  # as it was
+            store = open_store(self.path, self.options.store, manifest["retrieval"]["dim"])  # if add fails,
+            stats = _ingest(tmp, paths, model, self.retriever, store, manifest, options, progress)  # self is intact
             store.save(tmp)
             manifest["builds"].append(asdict(stats))
             write_json_atomic(tmp / MANIFEST, manifest)
-        retriever = self._retriever
-        self.__init__(self.path, manifest)  # reopen the swapped-in folder
-        self._retriever, self.stats = retriever, stats
+        self._load(manifest)  # the swapped-in folder
+        self.stats = stats
         return stats
 
     # ---------------------------------------------------------------- queries

@@ -44,12 +44,13 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
     assert added["passages"] >= 1
     hits = json.loads(run(app, "search", idx, "The lazy dog sleeps by the sea.", "--top-k", 2, "--json"))
     assert hits[0]["title"] == "Extra" and len(hits) == 2
-    for mode in ("refrag", "full"):
-        answer = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", mode,
-                                "--max-new-tokens", 2, "--top-k", 3, "--json"))
-        assert answer["mode"] == mode and len(answer["sources"]) == 3 and answer["ttft_s"] > 0
-    text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--max-new-tokens", 2)
-    assert "TTFT" in text and "[1]" in text
+    out = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "refrag",
+                         "--max-new-tokens", 2, "--top-k", 3, "--json"))
+    assert [a["mode"] for a in out["answers"]] == ["refrag"] and len(out["sources"]) == 3
+    assert out["answers"][0]["ttft_s"] > 0 and out["ttft_ratio"] is None
+    text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "both",
+               "--max-new-tokens", 2)
+    assert "[full]" in text and "[refrag]" in text and "TTFT full / refrag" in text and "[1]" in text
 
 
 def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):

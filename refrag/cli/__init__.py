@@ -10,13 +10,17 @@ import sys
 
 import typer
 
-from refrag.cli import bench, generate, models
+from refrag.cli import bench, generate, index, models
 from refrag.errors import RefragError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="REFRAG: compressed-context RAG.")
 app.add_typer(models.app, name="models")
 app.add_typer(bench.app, name="bench")
+app.add_typer(index.app, name="index")
 app.command("generate")(generate.generate_cmd)
+app.command("search")(index.search_cmd)
+app.command("ask")(index.ask_cmd)
+bench.app.command("index")(index.bench_index_cmd)
 
 
 def main() -> None:

@@ -84,9 +84,9 @@ class ShardReader:
         path = folder / f"{self.name}.safetensors"
         try:
             self._file = safe_open(str(path), framework="pt")
-            self.chunk_offsets = self._file.get_tensor("chunk_offsets").tolist()
-            self.token_offsets = self._file.get_tensor("token_offsets").tolist()
-            self.meta_offsets = self._file.get_tensor("meta_offsets").tolist()
+            self.chunk_offsets = self._file.get_tensor("chunk_offsets").numpy()  # [n + 1]
+            self.token_offsets = self._file.get_tensor("token_offsets").numpy()  # [n + 1]
+            self.meta_offsets = self._file.get_tensor("meta_offsets").numpy()  # [n + 1]
         except Exception as e:  # safetensors raises several types for missing / truncated files
             raise CheckpointError(f"{path} is missing or corrupt ({e}); rebuild the index.") from e
         if len(self.chunk_offsets) != entry["passages"] + 1:
@@ -99,13 +99,14 @@ class ShardReader:
 
     def encoded(self, row: int) -> torch.Tensor:
         """[L, E] stored encoder outputs of passage ``row``."""
-        return self._file.get_slice("chunks")[self.chunk_offsets[row] : self.chunk_offsets[row + 1]]
+        return self._file.get_slice("chunks")[int(self.chunk_offsets[row]) : int(self.chunk_offsets[row + 1])]
 
     def token_ids(self, row: int) -> tuple[int, ...]:
-        return tuple(self._file.get_slice("tokens")[self.token_offsets[row] : self.token_offsets[row + 1]].tolist())
+        start, end = int(self.token_offsets[row]), int(self.token_offsets[row + 1])
+        return tuple(self._file.get_slice("tokens")[start:end].tolist())
 
     def meta(self, row: int) -> PassageMeta:
-        start, end = self.meta_offsets[row], self.meta_offsets[row + 1]
+        start, end = int(self.meta_offsets[row]), int(self.meta_offsets[row + 1])
         with open(self._meta_path, "rb") as f:
             f.seek(start)
             return PassageMeta(**json.loads(f.read(end - start)))

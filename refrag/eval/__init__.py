@@ -1,0 +1,1 @@
+"""Evaluation: the paper's perplexity protocol, RAG QA metrics and modes, and the combined report."""

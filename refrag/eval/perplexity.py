@@ -1,0 +1,215 @@
+"""The paper's Table 1 protocol: log-perplexity of o output tokens after s context tokens, per method.
+
+Every example is a window of s + o consecutive DECODER tokens from one document. Methods differ only in what
+precedes the output tokens:
+
+- ``no_context``: nothing but a start token (the tokenizer's BOS, else its EOS);
+- ``full``: the s context tokens;
+- ``truncated``: the last K = s / k context tokens (K = the decoder positions REFRAG_k uses; for a second k
+  the method is named ``truncated{K}``);
+- ``refrag{k}``: the s / k chunk embeddings of the context (``model.embed_chunks``), as in training.
+
+Log-ppl is the mean NLL (nats) of the SAME o output tokens for every method: the first output token is
+predicted from the last preceding position. If the tokenizer has neither BOS nor EOS, no_context cannot
+predict the first token, so the first output token is dropped from every method's score.
+"context benefit recovered" = (no_context - method) / (no_context - full).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from refrag.chunking import chunk_token_ids
+from refrag.errors import InputError
+from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityOptions:
+    """Window sizes, methods and how many examples (the paper: s=2048, o in {512, 1024, 2048})."""
+
+    s: int = 512  # context tokens
+    o: int = 128  # output tokens scored
+    ks: tuple[int, ...] = (16,)  # REFRAG compression rates to evaluate (one refrag{k} method each)
+    limit: int = 200  # examples (at most one per document)
+    seed: int = 0  # document order and window offsets
+    batch_size: int = 4  # examples per decoder forward
+
+    def __post_init__(self) -> None:
+        if self.s <= 0 or self.o < 2:
+            raise InputError(f"need s > 0 and o >= 2 (got s={self.s}, o={self.o}).")
+        if not self.ks:
+            raise InputError("give at least one compression rate (--k 16).")
+        for k in self.ks:
+            if k <= 0 or self.s % k:
+                raise InputError(f"--s {self.s} must be a multiple of every --k (got k={k}).")
+        if self.limit <= 0 or self.batch_size <= 0:
+            raise InputError("--limit and the batch size must be positive.")
+
+    def method_names(self) -> list[str]:
+        """Method names in report order; the first k's truncated baseline is plain ``truncated``."""
+        names = ["no_context", "full"]
+        for i, k in enumerate(self.ks):
+            names.append("truncated" if i == 0 else f"truncated{self.s // k}")
+        names += [f"refrag{k}" for k in self.ks]
+        return names
+
+
+@dataclass(frozen=True)
+class PerplexityExample:
+    """s context + o output decoder tokens taken from one document."""
+
+    doc: int  # index of the document in its source
+    offset: int  # token offset of the window in the document
+    context: tuple[int, ...]  # [s]
+    output: tuple[int, ...]  # [o]
+
+
+@dataclass
+class PerplexityResult:
+    """Mean log-ppl per method, per-example values, and the context benefit each method recovers."""
+
+    options: PerplexityOptions
+    per_example: dict[str, list[float]] = field(default_factory=dict)  # method -> [n] mean NLL per example
+    examples: list[PerplexityExample] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.examples)
+
+    @property
+    def log_ppl(self) -> dict[str, float]:
+        return {m: sum(v) / len(v) for m, v in self.per_example.items() if v}
+
+    @property
+    def recovered(self) -> dict[str, float]:
+        """(no_context - method) / (no_context - full), for every method but those two."""
+        lp = self.log_ppl
+        gap = lp["no_context"] - lp["full"]
+        return {
+            m: (lp["no_context"] - v) / gap if gap else float("nan")
+            for m, v in lp.items()
+            if m not in ("no_context", "full")
+        }
+
+    def summary(self) -> dict:
+        o = self.options
+        return {
+            "s": o.s, "o": o.o, "n": self.n, "ks": list(o.ks), "seed": o.seed,
+            "log_ppl": self.log_ppl, "recovered": self.recovered,
+        }
+
+    def rows(self) -> list[dict]:
+        """One JSON-able row per example (what ``--out`` writes as JSONL)."""
+        return [
+            {"doc": ex.doc, "offset": ex.offset, **{m: v[i] for m, v in self.per_example.items()}}
+            for i, ex in enumerate(self.examples)
+        ]
+
+
+def extract_examples(
+    documents: Iterable[str], tokenizer, s: int, o: int, limit: int, seed: int = 0
+) -> list[PerplexityExample]:
+    """At most one s + o token window per document, documents in seeded random order, short ones skipped.
+
+    All documents are read (their text, not their tokens), shuffled, then tokenized one by one until ``limit``
+    examples exist, so memory stays bounded by the text size.
+    """
+    docs = list(documents)
+    order = list(range(len(docs)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    out: list[PerplexityExample] = []
+    for d in order:
+        ids = tokenizer.encode(docs[d], add_special_tokens=False)
+        if len(ids) < s + o:
+            continue
+        offset = rng.randrange(len(ids) - (s + o) + 1)
+        out.append(PerplexityExample(d, offset, tuple(ids[offset : offset + s]), tuple(ids[offset + s : offset + s + o])))
+        if len(out) == limit:
+            break
+    if not out:
+        raise InputError(f"no document has the {s + o} tokens an example needs; use longer documents or smaller --s/--o.")
+    if len(out) < limit:
+        log.warning("only %d documents are long enough for s=%d + o=%d (asked for %d)", len(out), s, o, limit)
+    return out
+
+
+def start_token(tokenizer) -> int | None:
+    """The token the no-context method starts from: BOS, else EOS, else None."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+def scored_layout(prefix: Sequence[Sequence[int] | torch.Tensor], output: Sequence[int], model: RefragModel, skip_first: bool) -> Layout:
+    """prefix segments + output[:-1], labels on the output tokens (the first one predicted by the prefix's end)."""
+    layout = segments_layout([*prefix, list(output[:-1])], model.decoder.config.hidden_size, model.dtype)
+    n_prefix = layout.length - (len(output) - 1)
+    targets = torch.tensor(list(output))
+    labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
+    if n_prefix == 0:  # nothing predicts output[0]
+        if not skip_first:
+            raise InputError("an empty prefix cannot predict the first output token; score with skip_first=True.")
+        labels[:] = targets[1:]
+    else:
+        labels[n_prefix - 1 :] = targets  # the prefix's last position predicts output[0]
+        if skip_first:
+            labels[n_prefix - 1] = IGNORE_INDEX
+    layout.labels = labels
+    return layout
+
+
+def _prefixes(model: RefragModel, batch: Sequence[PerplexityExample], method: str, options: PerplexityOptions, start: int | None) -> list[list]:
+    """The segments before the output tokens, for one method and a batch of examples."""
+    if method == "no_context":
+        return [[[start]] if start is not None else [] for _ in batch]
+    if method == "full":
+        return [[list(ex.context)] for ex in batch]
+    if method.startswith("truncated"):
+        K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated"):])
+        return [[list(ex.context[-K:])] for ex in batch]
+    k = int(method[len("refrag"):])
+    chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
+    vectors = model.embed_chunks([c.text for cs in chunks for c in cs])  # [B * L, D]
+    L = options.s // k
+    return [[vectors[i * L : (i + 1) * L]] for i in range(len(batch))]
+
+
+def example_nll(model: RefragModel, layouts: Sequence[Layout]) -> list[float]:
+    """Mean NLL over each layout's labelled positions (one batched forward)."""
+    logits, labels = model.label_logits(model.build_inputs(layouts))  # [B, K, V], [B, K]
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # [B, K]
+    mask = labels != IGNORE_INDEX
+    return ((nll * mask).sum(1) / mask.sum(1)).tolist()
+
+
+@torch.inference_mode()
+def evaluate_perplexity(
+    model: RefragModel, examples: Sequence[PerplexityExample], options: PerplexityOptions, *, progress: bool = True
+) -> PerplexityResult:
+    """Log-perplexity of every example's output tokens under every method of ``options``."""
+    start = start_token(model.tokenizer)
+    methods = options.method_names()
+    result = PerplexityResult(options, {m: [] for m in methods}, list(examples))
+    batches = [examples[i : i + options.batch_size] for i in range(0, len(examples), options.batch_size)]
+    bar = tqdm(total=len(batches) * len(methods), desc="perplexity", unit="batch", disable=not progress)
+    for batch in batches:
+        for method in methods:
+            prefixes = _prefixes(model, batch, method, options, start)
+            layouts = [scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)]
+            result.per_example[method].extend(example_nll(model, layouts))
+            bar.update()
+    bar.close()
+    return result

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import json
 import os
 import shutil
 import zipfile
@@ -28,14 +30,17 @@ _CHUNK = 1 << 22
 
 
 def cache_root() -> Path:
+    """``$REFRAG_CACHE``, default ``~/.cache/refrag``."""
     return Path(os.environ.get("REFRAG_CACHE", Path.home() / ".cache" / "refrag")).expanduser()
 
 
 def converted_path(entry: ZooEntry) -> Path:
+    """Where a GGUF / zip entry's converted HF folder lives: ``<cache>/models/<name>``."""
     return cache_root() / "models" / entry.name
 
 
 def is_installed(entry: ZooEntry) -> bool:
+    """Whether every package file the entry needs is present."""
     try:
         package_files(entry)
     except MissingPackageError:
@@ -68,12 +73,23 @@ def sha256_of(paths: list[Path]) -> str:
 
 
 def _check(entry: ZooEntry, paths: list[Path]) -> None:
+    """CheckpointError (with the reinstall command) unless the files hash to the entry's sha256."""
     got = sha256_of(paths)
     if got != entry.sha256:
         raise CheckpointError(
             f"{entry.name}: the packaged weights do not match their checksum (sha256 {got[:12]}..., expected "
             f"{entry.sha256[:12]}...). Reinstall them: {entry.pip_command} --force-reinstall"
         )
+
+
+@functools.cache
+def _packaged_folder(entry: ZooEntry) -> Path:
+    """A ready HF folder shipped in a package, checked (once per process) by its model.safetensors."""
+    folder = package_files(entry)[0]
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{entry.name}: {folder} has no config.json; reinstall: {entry.pip_command}")
+    _check(entry, [folder / "model.safetensors"])
+    return folder
 
 
 @contextlib.contextmanager
@@ -125,37 +141,59 @@ def _unzip(archive: Path, out: Path) -> None:
         shutil.rmtree(found[0])
 
 
+def _make_readable(folder: Path) -> None:
+    """Open the shared cache to every user (the temporary folder and files were created private)."""
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def is_converted(entry: ZooEntry) -> bool:
+    """Whether the cache holds a finished conversion of exactly these packaged weights."""
+    try:
+        marker = json.loads((converted_path(entry) / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("sha256") == entry.sha256
+
+
 def prepare(entry: ZooEntry, *, progress: bool = True) -> Path:
-    """The entry's loadable folder: the packaged folder itself, or the converted cache (made once)."""
-    paths = package_files(entry)
+    """The entry's loadable folder: the packaged folder itself, or the converted cache (made once).
+
+    A finished conversion is used even if the packages were uninstalled since; one made from other
+    weights (a different sha256) is rebuilt.
+    """
     if entry.assembly == "folder":
-        folder = paths[0]
-        if not (folder / "config.json").exists():
-            raise CheckpointError(f"{entry.name}: {folder} has no config.json; reinstall: {entry.pip_command}")
-        return folder
+        return _packaged_folder(entry)
     target = converted_path(entry)
-    if (target / MARKER).exists():
+    if is_converted(entry):
         return target
+    paths = package_files(entry)
     console = Console(stderr=True, quiet=not progress)
     with _locked(target):
-        if (target / MARKER).exists():
+        if is_converted(entry):  # another process finished it while we waited for the lock
             return target
         with console.status(f"{entry.name}: checking sha256 of the packaged weights"):
             _check(entry, paths)
         with atomic_dir(target) as tmp:
-            work = tmp / ".assemble"
-            work.mkdir()
-            if entry.assembly == "zip_parts":
-                with console.status(f"{entry.name}: unzipping"):
-                    _concatenate(paths, work / "model.zip")
-                    _unzip(work / "model.zip", tmp)
-            else:
-                gguf = paths[0] if entry.assembly == "gguf" else work / f"{entry.name}.gguf"
-                if entry.assembly == "gguf_parts":
-                    with console.status(f"{entry.name}: assembling {len(paths)} parts"):
-                        _concatenate(paths, gguf)
-                console.print(f"{entry.name}: converting GGUF to safetensors once (later loads take seconds)")
-                _convert_gguf(gguf, tmp)
-            shutil.rmtree(work)
-            write_json_atomic(tmp / MARKER, {"name": entry.name, "sha256": entry.sha256, "packages": entry.packages})
+            _build(entry, paths, tmp, console)
     return target
+
+
+def _build(entry: ZooEntry, paths: list[Path], out: Path, console: Console) -> None:
+    """Assemble the checked package files into a loadable HF folder ``out`` (a temporary folder)."""
+    work = out / ".assemble"
+    work.mkdir()
+    if entry.assembly == "zip_parts":
+        with console.status(f"{entry.name}: unzipping"):
+            _concatenate(paths, work / "model.zip")
+            _unzip(work / "model.zip", out)
+    else:
+        gguf = paths[0] if entry.assembly == "gguf" else work / f"{entry.name}.gguf"
+        if entry.assembly == "gguf_parts":
+            with console.status(f"{entry.name}: assembling {len(paths)} parts"):
+                _concatenate(paths, gguf)
+        console.print(f"{entry.name}: converting GGUF to safetensors once (later loads take seconds)")
+        _convert_gguf(gguf, out)
+    shutil.rmtree(work)
+    write_json_atomic(out / MARKER, {"name": entry.name, "sha256": entry.sha256, "packages": entry.packages})
+    _make_readable(out)

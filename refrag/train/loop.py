@@ -1,0 +1,165 @@
+"""The one training loop every recipe shares.
+
+AdamW (fused) on the parameters that require grad, linear warm-up then cosine decay, gradient accumulation
+to the target batch, grad-norm clipping, bf16 autocast over fp32 master weights, optional gradient
+checkpointing, periodic held-out evaluation, atomic checkpoints with exact resume, a progress bar and metric
+loggers. Under ``torchrun`` / ``accelerate launch`` (WORLD_SIZE > 1) each rank trains on its slice of every
+batch and gradients are averaged with torch.distributed (data parallel; gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from refrag.errors import InputError
+from refrag.modeling import RefragModel
+from refrag.train.checkpoint import FINAL, TrainerState, load_checkpoint, save_checkpoint, save_model
+from refrag.train.loggers import MetricLogger, make_loggers
+from refrag.train.objectives import Score, StageTask, example_layouts, score_examples
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Optimisation and bookkeeping for one stage."""
+
+    out_dir: Path  # checkpoint/, final/, metrics.csv go here
+    steps: int  # optimizer steps
+    batch_size: int = 8  # examples per optimizer step, all ranks together
+    micro_batch_size: int = 8  # examples per forward/backward (gradient accumulation in between)
+    lr: float = 2e-4  # peak learning rate (paper: 2e-4 reconstruction, 5e-5 CPT)
+    warmup_fraction: float = 0.04
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    bf16: bool = True  # bf16 autocast (master weights stay fp32)
+    gradient_checkpointing: bool = False
+    eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
+    save_every: int = 100  # steps between checkpoints (0: only at the end)
+    resume: bool = False  # continue from <out_dir>/checkpoint
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time boxes
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise InputError(f"--steps must be >= 1 (got {self.steps}).")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise InputError("--batch-size and --micro-batch-size must be >= 1.")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be > 0 (got {self.lr}).")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    final_loss: float
+    eval: dict[int, Score]  # held-out scores by number of chunks
+    final_dir: Path | None  # None when stopped early (stop_after)
+
+
+def lr_factor(step: int, options: TrainOptions) -> float:
+    """Linear warm-up over warmup_fraction of the steps, then cosine decay."""
+    warm = max(1, round(options.steps * options.warmup_fraction))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, options.steps - warm)
+    return options.min_lr_ratio + (1 - options.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun / accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate(model: RefragModel, task: StageTask, batch_size: int, bf16: bool) -> dict[int, Score]:
+    model.eval()
+    with _autocast(bf16):
+        scores = {n: score_examples(model, exs, batch_size) for n, exs in task.eval_examples().items()}
+    model.train()
+    return scores
+
+
+def _autocast(bf16: bool):
+    return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) \
+        if bf16 else contextlib.nullcontext()
+
+
+def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainResult:
+    """Run (or resume) one stage. Parameters with requires_grad are trained; the rest stay frozen."""
+    rank, world = init_distributed()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("nothing to train: every parameter is frozen.")
+    optimizer = torch.optim.AdamW(
+        params, lr=options.lr, betas=(0.9, 0.95), weight_decay=options.weight_decay,
+        fused=all(p.dtype == torch.float32 for p in params),
+    )
+    if options.gradient_checkpointing:
+        for part in (model.encoder, model.decoder):
+            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    step = 0
+    if options.resume and (options.out_dir / "checkpoint").exists():
+        step = load_checkpoint(options.out_dir, model, optimizer).step
+    loggers: list[MetricLogger] = make_loggers(options.out_dir, step, task.stage) if rank == 0 else []
+    last = options.steps if options.stop_after is None else min(options.steps, options.stop_after)
+    bar = tqdm(total=options.steps, initial=step, disable=not options.progress or rank != 0, desc=task.stage)
+    model.train()
+    loss_value, scores = float("nan"), {}
+    while step < last:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = options.lr * lr_factor(step, options)
+        mine = task.examples(step, options.batch_size)[rank::world]  # this rank's share of the batch
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(mine), options.micro_batch_size):
+            micro = mine[start : start + options.micro_batch_size]
+            with _autocast(options.bf16):
+                loss = model(model.build_inputs(example_layouts(model, micro)))
+            (loss * len(micro) / len(mine)).backward()
+            loss_sum += float(loss.detach()) * len(micro)
+            tokens += sum(len(ex.target) + len(ex.context) // task.k for ex in micro)
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum / max(len(mine), 1)
+        elapsed = time.perf_counter() - t0
+        metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
+                   "train/grad_norm": grad_norm, "train/positions_per_s": tokens * world / elapsed}
+        if options.eval_every and step % options.eval_every == 0 or step == options.steps:
+            scores = evaluate(model, task, options.micro_batch_size, options.bf16)
+            for n, s in scores.items():
+                metrics[f"eval/log_ppl_{n}xk"] = s.log_ppl
+                metrics[f"eval/acc_{n}xk"] = s.accuracy
+        for lg in loggers:
+            lg.log_dict(metrics, step)
+        bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
+        bar.update(1)
+        if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
+            save_checkpoint(options.out_dir, model, optimizer, TrainerState(step, task.stage))
+    bar.close()
+    for lg in loggers:
+        lg.close()
+    final_dir = None
+    if step >= options.steps and rank == 0:
+        final_dir = save_model(model, options.out_dir / FINAL, task.stage, step)
+    return TrainResult(steps=step, final_loss=loss_value, eval=scores, final_dir=final_dir)

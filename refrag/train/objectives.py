@@ -1,0 +1,164 @@
+"""What each stage trains on: examples (context + continuation tokens) turned into decoder layouts.
+
+Reconstruction: the L chunk embeddings are the prefix, then x_1..x_{s-1} teacher-forced; loss on x_1..x_s.
+Next-paragraph (CPT / mixed): prefix [e_1..e_L] (some chunks raw in mixed training), then x_{s+1..s+o-1};
+loss on x_{s+1..s+o}. Loss is never on the context prefix itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from refrag.chunking import chunk_token_ids
+from refrag.errors import CheckpointError
+from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout
+from refrag.train.data import sample_window
+
+STAGES = ("reconstruct", "cpt", "mixed")
+# stage -> stages whose checkpoint it may start from (None: fresh models)
+PREVIOUS: dict[str, tuple[str | None, ...]] = {
+    "reconstruct": (None, "reconstruct"),
+    "cpt": ("reconstruct", "cpt"),
+    "mixed": ("cpt", "mixed"),
+}
+
+
+def check_stage_order(stage: str, init_stage: str | None) -> None:
+    """Refuse to start ``stage`` from a checkpoint of the wrong previous stage (the order matters)."""
+    allowed = PREVIOUS[stage]
+    if init_stage in allowed:
+        return
+    got = f"a `{init_stage}` checkpoint" if init_stage else "fresh (untrained) models"
+    if allowed[0] is None:
+        fix = "start it from fresh models (no --init) or from a `reconstruct` checkpoint"
+    else:
+        fix = f"run `refrag train {allowed[0]}` first and pass its output folder with --init"
+    raise CheckpointError(
+        f"`refrag train {stage}` cannot start from {got}: the recipe is reconstruct -> cpt -> mixed "
+        f"(the paper's ablations show the order matters); {fix}."
+    )
+
+
+@dataclass(frozen=True)
+class Example:
+    """Context tokens (compressed into chunks) and the continuation to predict ([] for reconstruction)."""
+
+    context: tuple[int, ...]  # s tokens, s = n * k
+    continuation: tuple[int, ...]  # o tokens
+    expanded: tuple[int, ...] = ()  # chunk indices fed as raw tokens (mixed-input training)
+
+    @property
+    def target(self) -> tuple[int, ...]:
+        return self.continuation or self.context
+
+
+def choose_random_expanded(num_chunks: int, fraction: float, rng: np.random.Generator) -> tuple[int, ...]:
+    """Each chunk independently left uncompressed with probability ``fraction``."""
+    if fraction <= 0:
+        return ()
+    return tuple(int(i) for i in np.nonzero(rng.random(num_chunks) < fraction)[0])
+
+
+def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:
+    """Examples -> labelled layouts; every chunk of the batch is encoded in one call."""
+    k, tok = model.k, model.tokenizer
+    chunked = [chunk_token_ids(ex.context, tok, k) for ex in examples]
+    texts = [c.text for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
+    vectors = model.embed_chunks(texts) if texts else None  # [N, D]
+    dim = model.decoder.config.hidden_size
+    layouts, row = [], 0
+    for chunks, ex in zip(chunked, examples):
+        segments: list[list[int] | torch.Tensor] = []
+        for i, c in enumerate(chunks):
+            if i in ex.expanded:
+                segments.append(list(c.token_ids))
+            else:
+                assert vectors is not None
+                segments.append(vectors[row : row + 1])
+                row += 1
+        target = list(ex.target)
+        layout = segments_layout(segments + [target[:-1]], dim, model.dtype)
+        prefix = layout.length - (len(target) - 1)
+        labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
+        labels[prefix - 1 :] = torch.tensor(target)  # last prefix position predicts the first target token
+        layout.labels = labels
+        layouts.append(layout)
+    return layouts
+
+
+@dataclass
+class StageTask:
+    """The examples of one stage, as a pure function of (seed, step): resuming needs only the step.
+
+    ``order`` lists the number of chunks of every example of the run (the curriculum); it is cycled if
+    training runs longer. ``continuation_tokens`` is o (0 for reconstruction).
+    """
+
+    stage: str
+    train_tokens: np.ndarray  # [N] packed training stream
+    val_tokens: np.ndarray  # [M] held-out stream
+    k: int
+    order: list[int]
+    continuation_tokens: int = 0
+    expand_fraction: float = 0.0
+    seed: int = 0
+    eval_chunks: tuple[int, ...] = (1,)
+    eval_per_type: int = 8
+
+    def _example(self, tokens: np.ndarray, n: int, rng: np.random.Generator) -> Example:
+        s, o = n * self.k, self.continuation_tokens
+        window = sample_window(tokens, s + o, rng)
+        return Example(
+            context=tuple(window[:s]),
+            continuation=tuple(window[s:]),
+            expanded=choose_random_expanded(n, self.expand_fraction, rng),
+        )
+
+    def examples(self, step: int, count: int) -> list[Example]:
+        """The ``count`` examples of optimizer step ``step`` (identical on every rank and every run)."""
+        rng = np.random.default_rng((self.seed, step))
+        return [
+            self._example(self.train_tokens, self.order[(step * count + i) % len(self.order)], rng)
+            for i in range(count)
+        ]
+
+    def eval_examples(self) -> dict[int, list[Example]]:
+        """Fixed held-out examples per number of chunks, never expanded."""
+        out = {}
+        for n in self.eval_chunks:
+            rng = np.random.default_rng((self.seed, 1 << 31, n))  # a stream no training step uses
+            out[n] = [
+                Example(ex.context, ex.continuation)
+                for ex in (self._example(self.val_tokens, n, rng) for _ in range(self.eval_per_type))
+            ]
+        return out
+
+
+@dataclass(frozen=True)
+class Score:
+    """Mean next-token log-perplexity (nats per token) and top-1 token accuracy over the targets."""
+
+    log_ppl: float
+    accuracy: float
+    tokens: int
+
+
+@torch.no_grad()
+def score_examples(model: RefragModel, examples: Sequence[Example], batch_size: int = 8) -> Score:
+    """Token-weighted log-perplexity and accuracy of the examples' targets (context compressed)."""
+    total_nll, correct, count = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        layouts = example_layouts(model, examples[start : start + batch_size])
+        logits, labels = model.label_logits(model.build_inputs(layouts))  # [B, K, V], [B, K]
+        mask = labels != IGNORE_INDEX
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_nll += float(nll)
+        correct += int(((logits.argmax(-1) == labels) & mask).sum())
+        count += int(mask.sum())
+    return Score(log_ppl=total_nll / max(count, 1), accuracy=correct / max(count, 1), tokens=count)

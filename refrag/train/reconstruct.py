@@ -1,0 +1,22 @@
+"""Stage 1, reconstruction: the decoder is frozen; encoder + projector learn chunk vectors from which the
+decoder can read the k tokens back (prefix e_1..e_L, then x_1..x_{s-1} teacher-forced, loss on x_1..x_s)."""
+
+from __future__ import annotations
+
+
+from refrag.errors import InputError
+from refrag.modeling import RefragModel
+from refrag.train.common import StageOptions, set_trainable, stage_task
+from refrag.train.data import TokenCorpus
+from refrag.train.loop import TrainOptions, TrainResult, train
+
+
+def reconstruct(model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions) -> TrainResult:
+    if options.continuation_tokens or options.expand_fraction or options.train_decoder != "frozen":
+        raise InputError("reconstruction keeps the decoder frozen and predicts the context itself: "
+                         "drop --continuation-tokens, --expand-fraction and --train-decoder.")
+    set_trainable(model, train_decoder=False, bf16=train_options.bf16)
+    task = stage_task("reconstruct", model, corpus, options, train_options.steps * train_options.batch_size)
+    return train(model, task, train_options)
+
+

@@ -1,0 +1,105 @@
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TEXT, tiny_refrag
+from refrag.errors import InputError
+from refrag.modeling import RefragModel
+from refrag.train.common import StageOptions
+from refrag.train.cpt import cpt
+from refrag.train.data import TokenCorpus
+from refrag.train.loop import TrainOptions, lr_factor
+from refrag.train.mixed import mixed
+from refrag.train.reconstruct import reconstruct
+
+STAGE = StageOptions(max_chunks=4, eval_per_type=2)
+
+
+def corpus(model: RefragModel) -> TokenCorpus:
+    ids = np.array(model.tokenizer(TEXT * 3)["input_ids"])
+    return TokenCorpus(train=ids[:-300], val=ids[-300:])
+
+
+def options(out: Path, **kw) -> TrainOptions:
+    base = dict(out_dir=out, steps=6, batch_size=4, micro_batch_size=2, eval_every=3, save_every=3,
+                bf16=False, progress=False)
+    return TrainOptions(**{**base, **kw})
+
+
+def losses(out: Path) -> list[tuple[int, str]]:
+    with (out / "metrics.csv").open() as f:
+        return [(int(r["step"]), r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"]
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    straight = reconstruct(model, corpus(model), STAGE, options(tmp_path / "a"))
+    model2 = tiny_refrag("llama", k=4)
+    stopped = reconstruct(model2, corpus(model2), STAGE, options(tmp_path / "b", stop_after=3))
+    assert stopped.steps == 3 and stopped.final_dir is None
+    model3 = tiny_refrag("llama", k=4)  # a fresh process would start from the same init
+    resumed = reconstruct(model3, corpus(model3), STAGE, options(tmp_path / "b", resume=True))
+    assert resumed.steps == 6
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert len(losses(tmp_path / "b")) == 6
+    for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
+        assert torch.equal(p.float(), q.float()), n
+
+
+def test_only_encoder_and_projector_train_in_reconstruction(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reconstruct(model, corpus(model), STAGE, options(tmp_path, steps=2, eval_every=0, save_every=0))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("encoder.", "projector.")) for n in changed)
+    manifest = (tmp_path / "final" / "refrag.json").read_text()  # records the stage, references the decoder
+    assert '"stage": "reconstruct"' in manifest and '"decoder": "tiny-llama"' in manifest
+    assert (tmp_path / "final" / "encoder").is_dir() and not (tmp_path / "final" / "decoder").exists()
+
+
+def test_cpt_and_mixed_validate_their_options(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    with pytest.raises(InputError, match="continuation"):
+        cpt(model, corpus(model), STAGE, options(tmp_path))
+    with pytest.raises(InputError, match="expand-fraction"):
+        mixed(model, corpus(model), StageOptions(continuation_tokens=8), options(tmp_path))
+    with pytest.raises(InputError, match="decoder frozen"):
+        reconstruct(model, corpus(model), StageOptions(continuation_tokens=8), options(tmp_path))
+
+
+def test_mixed_trains_with_expanded_chunks(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    result = mixed(model, corpus(model), StageOptions(max_chunks=4, continuation_tokens=6, expand_fraction=0.5,
+                                                      train_decoder="full", eval_per_type=2),
+                   options(tmp_path, steps=2))
+    assert np.isfinite(result.final_loss) and (tmp_path / "final" / "decoder").is_dir()
+
+
+def test_warmup_then_cosine():
+    opts = options(Path("."), steps=100)
+    f = [lr_factor(s, opts) for s in range(100)]
+    assert f[0] == 0.25 and f[3] == 1.0  # 4% warm-up = 4 steps
+    assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] < 0.01
+
+
+def _rank_main(rank: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    model = tiny_refrag("llama", k=4)
+    reconstruct(model, corpus(model), STAGE, options(Path(out) / "run", steps=3, eval_every=0, save_every=0))
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    torch.save(flat, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_data_parallel_ranks_agree(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_rank_main, args=(str(tmp_path), port), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    fresh = torch.cat([p.detach().float().flatten() for p in tiny_refrag("llama", k=4).parameters()])
+    assert torch.equal(a, b) and not torch.equal(a, fresh)

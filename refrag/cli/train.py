@@ -34,6 +34,8 @@ SaveEvery = Annotated[int, typer.Option(help="steps between checkpoints")]
 Resume = Annotated[bool, typer.Option(help="continue exactly from OUT/checkpoint")]
 GradCkpt = Annotated[bool, typer.Option(help="gradient checkpointing (less memory, ~30% slower)")]
 BF16 = Annotated[bool, typer.Option(help="bf16 autocast over fp32 master weights")]
+StopAfter = Annotated[int | None, typer.Option(help="stop (with a checkpoint) after this many steps; the schedule "
+                                                    "still spans --steps (time boxes, same-step ablations)")]
 
 PAPER_LR = {"reconstruct": 2e-4, "cpt": 5e-5, "mixed": 5e-5}
 
@@ -41,7 +43,8 @@ PAPER_LR = {"reconstruct": 2e-4, "cpt": 5e-5, "mixed": 5e-5}
 def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: str, encoder: str, k: int,
          steps: int, batch_size: int, micro_batch_size: int, lr: float | None, max_chunks: int, curriculum: bool,
          continuation_tokens: int, expand_fraction: float, train_decoder: str, max_tokens: int, seed: int,
-         eval_every: int, save_every: int, resume: bool, gradient_checkpointing: bool, bf16: bool) -> None:
+         eval_every: int, save_every: int, resume: bool, gradient_checkpointing: bool, bf16: bool,
+         stop_after: int | None = None) -> None:
     setup_torch()
 
     from refrag.train.common import StageOptions, load_for_stage
@@ -55,7 +58,8 @@ def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: s
                                  expand_fraction=expand_fraction, train_decoder=train_decoder, seed=seed)  # type: ignore[arg-type]
     train_options = TrainOptions(out_dir=out, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                                  lr=lr or PAPER_LR[stage], eval_every=eval_every, save_every=save_every,
-                                 resume=resume, gradient_checkpointing=gradient_checkpointing, bf16=bf16)
+                                 resume=resume, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
+                                 stop_after=stop_after)
     model = load_for_stage(stage, init, decoder=decoder, encoder=encoder, k=k)
     corpus = TokenCorpus.build(DataOptions(sources=read_sources(data), max_tokens_per_source=max_tokens), model.tokenizer)
     typer.echo(f"{stage}: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
@@ -73,14 +77,14 @@ def reconstruct_cmd(
     steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 8, lr: LR = None,
     max_chunks: MaxChunks = 8, curriculum: Curriculum = True, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True,
+    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
     """Stage 1: decoder frozen; encoder + projector learn to reconstruct each context from its chunk vectors."""
     _run("reconstruct", data=data, out=out, init=init, decoder=decoder, encoder=encoder, k=k, steps=steps,
          batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks,
          curriculum=curriculum, continuation_tokens=0, expand_fraction=0.0, train_decoder="frozen",
          max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16)
+         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
 
 
 @app.command("cpt")
@@ -91,14 +95,14 @@ def cpt_cmd(
     max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
     train_decoder: TrainDecoder = "frozen", max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True,
+    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
     _run("cpt", data=data, out=out, init=init, decoder="", encoder="", k=0, steps=steps, batch_size=batch_size,
          micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks, curriculum=curriculum,
          continuation_tokens=continuation_tokens, expand_fraction=0.0, train_decoder=train_decoder,
          max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16)
+         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
 
 
 @app.command("mixed")
@@ -109,14 +113,14 @@ def mixed_cmd(
     max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
     train_decoder: TrainDecoder = "frozen", max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True,
+    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
     _run("mixed", data=data, out=out, init=init, decoder="", encoder="", k=0, steps=steps, batch_size=batch_size,
          micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks, curriculum=False,
          continuation_tokens=continuation_tokens, expand_fraction=expand_fraction, train_decoder=train_decoder,
          max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16)
+         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
 
 
 HELD_OUT = "../shared/data/wiki_paragraph_segmentation_en.txt"

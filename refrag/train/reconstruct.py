@@ -3,7 +3,6 @@ decoder can read the k tokens back (prefix e_1..e_L, then x_1..x_{s-1} teacher-f
 
 from __future__ import annotations
 
-
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
 from refrag.train.common import StageOptions, set_trainable, stage_task

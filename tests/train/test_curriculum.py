@@ -1,3 +1,5 @@
+import itertools
+
 from refrag.train.curriculum import TABLE8, build_curriculum, chunk_types, flat_order
 
 
@@ -20,7 +22,7 @@ def test_any_budget_sums_exactly_and_keeps_shapes():
             last = [row[-1] for row in cur.counts]  # the longest contexts: back-loaded
             assert last == sorted(last)
         means = [m for m, row in zip(cur.stage_mean_chunks(), cur.counts) if sum(row)]  # non-empty stages
-        assert all(a <= b + 1e-9 for a, b in zip(means, means[1:]))
+        assert all(a <= b + 1e-9 for a, b in itertools.pairwise(means))
 
 
 def test_chunk_types_include_non_power_of_two_max():

@@ -1,4 +1,5 @@
 import csv
+import itertools
 import os
 from pathlib import Path
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import TEXT, tiny_refrag
+
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
 from refrag.train.common import StageOptions
@@ -26,8 +27,8 @@ def corpus(model: RefragModel) -> TokenCorpus:
 
 
 def options(out: Path, **kw) -> TrainOptions:
-    base = dict(out_dir=out, steps=6, batch_size=4, micro_batch_size=2, eval_every=3, save_every=3,
-                bf16=False, progress=False)
+    base = {"out_dir": out, "steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every": 3,
+            "save_every": 3, "bf16": False, "progress": False}
     return TrainOptions(**{**base, **kw})
 
 
@@ -38,7 +39,7 @@ def losses(out: Path) -> list[tuple[int, str]]:
 
 def test_resume_continues_the_same_loss_curve(tmp_path):
     model = tiny_refrag("llama", k=4)
-    straight = reconstruct(model, corpus(model), STAGE, options(tmp_path / "a"))
+    reconstruct(model, corpus(model), STAGE, options(tmp_path / "a"))
     model2 = tiny_refrag("llama", k=4)
     stopped = reconstruct(model2, corpus(model2), STAGE, options(tmp_path / "b", stop_after=3))
     assert stopped.steps == 3 and stopped.final_dir is None
@@ -84,7 +85,7 @@ def test_warmup_then_cosine():
     opts = options(Path("."), steps=100)
     f = [lr_factor(s, opts) for s in range(100)]
     assert f[0] == 0.25 and f[3] == 1.0  # 4% warm-up = 4 steps
-    assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(f[3:])) and f[-1] < 0.01
 
 
 def _rank_main(rank: int, out: str, port: int) -> None:

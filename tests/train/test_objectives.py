@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import tiny_refrag
+
 from refrag.errors import CheckpointError
 from refrag.modeling import IGNORE_INDEX
 from refrag.train.objectives import Example, check_stage_order, example_layouts

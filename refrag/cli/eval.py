@@ -60,3 +60,82 @@ def perplexity_cmd(
     for name, value in result.log_ppl.items():
         extra = f"  recovered {rec[name]:+.3f}" if name in rec else ""
         typer.echo(f"  {name:<14} {value:.4f}{extra}")
+
+
+@app.command("qa")
+def qa_cmd(
+    data: Annotated[Path, typer.Option("--data", help="question/answer JSONL")],
+    modes: Annotated[str, typer.Option(help="comma list: full, refrag, refrag@N (N passages), llmlingua")] = "full,refrag",
+    index: Annotated[Path | None, typer.Option("--index", help="retrieve passages from this index (else gold passages)")] = None,
+    passages: Annotated[int, typer.Option(help="passages per question (modes without @N)")] = 1,
+    counterfactual: Annotated[bool, typer.Option(help="use the answer-swapped passages (cf_context / cf_answer)")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 16,
+    question_field: Annotated[str, typer.Option(help="JSONL field")] = "question",
+    answer_field: Annotated[str, typer.Option(help="JSONL field (string or list)")] = "answer",
+    context_field: Annotated[str, typer.Option(help="JSONL field holding the gold passage")] = "context",
+    limit: Limit = 300,
+    seed: Seed = 0,
+    out: Out = None,
+    model: Checkpoint = None,
+    decoder: Decoder = DEFAULTS["decoder"],
+    encoder: Encoder = DEFAULTS["encoder"],
+    k: Annotated[int, typer.Option("--k", help="decoder tokens per compressed chunk")] = 16,
+    dtype: DType = "bfloat16",
+    json_out: Json = False,
+) -> None:
+    """Exact match, token F1, answer-contained and median TTFT per mode."""
+    setup_torch()
+    from dataclasses import asdict
+
+    from refrag.eval.qa import QAFields, QAOptions, evaluate_qa, load_qa, parse_modes
+    from refrag.io import write_json_atomic, write_jsonl_atomic
+    from refrag.loading import load_model
+
+    options = QAOptions(parse_modes(modes), passages=passages, max_new_tokens=max_new_tokens, seed=seed)
+    fields = QAFields(question=question_field, answer=answer_field, context=context_field)
+    examples = load_qa(data, fields, limit=limit, seed=seed, counterfactual=counterfactual)
+    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
+    pipeline = compressor = None
+    if index is not None:
+        from refrag.index import Index
+        from refrag.pipeline import Pipeline
+
+        pipeline = Pipeline(Index.open(index), m)
+    if any(mode.kind == "llmlingua" for mode in options.modes):
+        from refrag.eval.llmlingua_baseline import LLMLinguaCompressor
+        from refrag.models import resolve
+
+        compressor = LLMLinguaCompressor(str(resolve(decoder).path), m.tokenizer)
+    summaries, records = evaluate_qa(m, examples, options, pipeline=pipeline, compressor=compressor)
+    rows = [asdict(s) for s in summaries]
+    if out is not None:
+        write_json_atomic(
+            out / "summary.json",
+            {"modes": rows, "data": str(data), "counterfactual": counterfactual, "model": model or "default", "seed": seed},
+        )
+        write_jsonl_atomic(out / "examples.jsonl", (asdict(r) for r in records))
+    if json_out:
+        print_json(rows)
+        return
+    for s in summaries:
+        memory = f"  memory {s.memory:.3f}" if s.memory is not None else ""
+        typer.echo(
+            f"{s.mode:<12} n={s.n} passages={s.passages} EM {s.em:.3f}  F1 {s.f1:.3f}  contains {s.contains:.3f}"
+            f"{memory}  TTFT p50 {s.ttft_p50_s * 1e3:.0f} ms  positions {s.decoder_positions:.0f}"
+        )
+
+
+
+def report_cmd(
+    results: Annotated[Path, typer.Option("--results", help="folder the eval/bench commands wrote into")],
+    out: Annotated[Path, typer.Option("--out", help="markdown file (PNGs are written next to it)")] = Path("docs/report.md"),
+    runs: Annotated[Path | None, typer.Option("--runs", help="training runs folder (metrics.csv) for curves")] = Path("runs"),
+) -> None:
+    """Write one markdown report (tables + PNG plots) from the measurements in RESULTS."""
+    from refrag.eval.report import ReportInputs, write_report
+
+    typer.echo(str(write_report(ReportInputs(results=results, out=out, runs=runs))))
+
+
+if __name__ == "__main__":  # `python -m refrag.cli.eval ...` until the root CLI registers `refrag eval`
+    app()

@@ -1,0 +1,206 @@
+"""One markdown report from a results folder: perplexity protocol, QA modes, LLMLingua, TTFT, training curves.
+
+The folder holds what the eval and bench commands wrote (``--out`` / ``--json`` / ``--plot``):
+``ppl/summary.json``, ``qa_*/summary.json``, ``ttft.json`` + ``ttft.png``, and optionally ``commands.txt``
+(the exact commands run) and ``notes.md`` (caveats to print first). Training logs are ``metrics.csv`` files
+(step,name,value) under ``runs/``. Every number in the report is read from those files, none is typed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from refrag.errors import InputError
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    results: Path  # folder with the measurement outputs
+    out: Path  # markdown file to write; PNGs go next to it
+    runs: Path | None = None  # training runs folder (metrics.csv files) for curriculum curves
+
+
+def _read(path: Path) -> dict | list | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rate(method: str, s: int) -> float:
+    """Context tokens per decoder position a perplexity method gives the decoder."""
+    if method.startswith("refrag"):
+        return float(method[len("refrag"):])
+    if method.startswith("truncated"):
+        return s / float(method[len("truncated"):]) if method != "truncated" else float("nan")
+    return 1.0
+
+
+def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
+    """Log-ppl of each method against the compression rate it applies to the context."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    s, ks = ppl["s"], ppl["ks"]
+    for method, value in ppl["log_ppl"].items():
+        if method == "no_context":
+            ax.axhline(value, color="gray", ls="--", label="no context")
+            continue
+        rate = ks[0] if method == "truncated" else _rate(method, s)
+        ax.plot([rate], [value], "o" if method.startswith("refrag") else "s", ms=8, label=method)
+    ax.set(xscale="log", xlabel="context tokens per decoder position", ylabel="log-perplexity (nats/token)",
+           title=f"Quality vs compression, s={s}, o={ppl['o']}, n={ppl['n']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_qa(rows: list[dict], path: Path) -> Path:
+    """QA token F1 against median TTFT, one point per mode."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for r in rows:
+        ax.plot([r["ttft_p50_s"]], [r["f1"]], "o", ms=8, label=f"{r['mode']} ({r['passages']} passages)")
+    ax.set(xlabel="median TTFT (s)", ylabel="token F1", title="RAG QA: quality vs latency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training(runs: Path, path: Path) -> Path | None:
+    """train/loss and val/* curves of every metrics.csv under ``runs``; None when there are none."""
+    files = sorted(runs.rglob("metrics.csv")) if runs.is_dir() else []
+    if not files:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for f in files:
+        series: dict[str, list[tuple[int, float]]] = {}
+        with f.open(encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row["name"] == "train/loss" or row["name"].startswith("val/"):
+                    series.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+        for name, points in series.items():
+            ax.plot(*zip(*points), label=f"{f.parent.name}: {name}", lw=1)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ppl_section(ppl: dict, png: str) -> str:
+    rec = ppl["recovered"]
+    lp = ppl["log_ppl"]
+    order = ["no_context", "full"] + sorted(m for m in lp if m not in ("no_context", "full"))
+    rows = [[m, _fmt(lp[m]), _fmt(rec.get(m))] for m in order]
+    return (
+        f"## Perplexity protocol (Table 1)\n\ns = {ppl['s']} context tokens, o = {ppl['o']} output tokens, "
+        f"n = {ppl['n']} windows (one per document, seed {ppl['seed']}), data {', '.join(ppl.get('data', []))}.\n"
+        "Log-ppl = mean NLL of the same o output tokens for every method; recovered = "
+        "(no_context - method) / (no_context - full).\n\n"
+        + _table(["method", "log-ppl", "context benefit recovered"], rows)
+        + f"\n\n![quality vs compression]({png})\n"
+    )
+
+
+def _qa_section(title: str, summary: dict) -> list[list[str]]:
+    return [
+        [title, r["mode"], str(r["passages"]), str(r["n"]), _fmt(r["em"]), _fmt(r["f1"]), _fmt(r["contains"]),
+         _fmt(r.get("memory")), f"{r['ttft_p50_s'] * 1e3:.0f}", f"{r['decoder_positions']:.0f}"]
+        for r in summary["modes"]
+    ]
+
+
+def _ttft_section(ttft: dict, png: str) -> str:
+    rows = [
+        [str(r["s"]), f"{r['ttft_full_s']:.3f}", f"{r['ttft_cached_s']:.3f}", f"{r['ttft_uncached_s']:.3f}",
+         f"{r['ratio_cached']:.2f}x", f"{r['ratio_uncached']:.2f}x", f"{r['positions_full']} / {r['positions_refrag']}"]
+        for r in ttft["rows"]
+    ]
+    return (
+        f"## TTFT sweep\n\nmodel {ttft['model']}, k = {ttft['k']}, {ttft['dtype']}, median of {ttft['repeats']} "
+        "interleaved runs per path.\n\n"
+        + _table(["s", "full (s)", "REFRAG cached (s)", "REFRAG uncached (s)", "speed-up cached",
+                  "speed-up uncached", "positions full / REFRAG"], rows)
+        + f"\n\n![TTFT vs context length]({png})\n"
+    )
+
+
+def write_report(inputs: ReportInputs) -> Path:
+    """Assemble the markdown report (and its PNGs) from the results folder."""
+    from refrag.bench.machine import machine_info
+    from refrag.io import write_text_atomic
+
+    res = inputs.results
+    if not res.is_dir():
+        raise InputError(f"results folder not found: {res}; run the eval/bench commands with --out there first.")
+    out_dir = inputs.out.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# REFRAG evaluation report\n"]
+    notes = res / "notes.md"
+    if notes.is_file():
+        parts.append(notes.read_text(encoding="utf-8").strip() + "\n")
+    ttft = _read(res / "ttft.json")
+    machine = ttft["machine"] if isinstance(ttft, dict) else machine_info()
+    parts.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n")
+    commands = res / "commands.txt"
+    if commands.is_file():
+        parts.append("Commands (exact):\n\n```\n" + commands.read_text(encoding="utf-8").strip() + "\n```\n")
+    ppl = _read(res / "ppl" / "summary.json")
+    if isinstance(ppl, dict):
+        parts.append(_ppl_section(ppl, plot_quality_vs_rate(ppl, out_dir / "quality_vs_rate.png").name))
+    qa_rows: list[list[str]] = []
+    qa_points: list[dict] = []
+    for folder in sorted(res.glob("qa_*")):
+        summary = _read(folder / "summary.json")
+        if isinstance(summary, dict):
+            title = folder.name[3:] + (" (counterfactual)" if summary.get("counterfactual") else "")
+            qa_rows += _qa_section(title, summary)
+            qa_points += [r for r in summary["modes"] if not summary.get("counterfactual")]
+    if qa_rows:
+        png = plot_qa(qa_points, out_dir / "qa_quality_vs_ttft.png").name if qa_points else None
+        parts.append(
+            "## RAG QA\n\nGreedy answers; EM / token F1 / answer-contained after SQuAD normalisation; TTFT median "
+            "(chunk encodings precomputed as an index stores them; LLMLingua's compression time included). "
+            "memory = the counterfactual run's rate of answering with the ORIGINAL answer (answering from memory "
+            "instead of reading the passage).\n\n"
+            + _table(["run", "mode", "passages", "n", "EM", "F1", "contains", "memory", "TTFT p50 (ms)",
+                      "decoder positions"], qa_rows)
+            + (f"\n\n![QA quality vs TTFT]({png})\n" if png else "\n")
+        )
+    if isinstance(ttft, dict):
+        shutil.copyfile(res / "ttft.png", out_dir / "ttft.png")
+        parts.append(_ttft_section(ttft, "ttft.png"))
+    curves = plot_training(inputs.runs, out_dir / "training_curves.png") if inputs.runs else None
+    if curves is not None:
+        parts.append(f"## Training curves\n\n![training curves]({curves.name})\n")
+    write_text_atomic(inputs.out, "\n".join(parts))
+    return inputs.out

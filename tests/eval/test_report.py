@@ -1,0 +1,40 @@
+"""The report reads every number from the results folder and writes its plots next to the markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refrag.errors import InputError
+from refrag.eval.report import ReportInputs, write_report
+
+
+def test_report_tables_and_plots(tmp_path):
+    res = tmp_path / "results"
+    (res / "ppl").mkdir(parents=True)
+    (res / "ppl" / "summary.json").write_text(json.dumps({
+        "s": 64, "o": 16, "n": 3, "ks": [16], "seed": 0, "data": ["d.txt"],
+        "log_ppl": {"no_context": 3.0, "full": 2.0, "truncated": 2.75, "refrag16": 2.5},
+        "recovered": {"truncated": 0.25, "refrag16": 0.5},
+    }))
+    (res / "qa_nq").mkdir()
+    mode = {"n": 2, "em": 0.5, "f1": 0.625, "contains": 1.0, "memory": None, "ttft_p50_s": 0.1234,
+            "decoder_positions": 40.0, "passages": 1}
+    (res / "qa_nq" / "summary.json").write_text(json.dumps({"modes": [{**mode, "mode": "full"}], "counterfactual": False}))
+    (res / "commands.txt").write_text("refrag eval perplexity --s 64")
+    runs = tmp_path / "runs" / "a"
+    runs.mkdir(parents=True)
+    (runs / "metrics.csv").write_text("step,name,value\n1,train/loss,4.0\n2,train/loss,3.5\n")
+    out = write_report(ReportInputs(res, tmp_path / "docs" / "report.md", tmp_path / "runs"))
+    text = out.read_text()
+    assert "| refrag16 | 2.500 | 0.500 |" in text and "| truncated | 2.750 | 0.250 |" in text
+    assert "| nq | full | 1 | 2 | 0.500 | 0.625 | 1.000 | - | 123 | 40 |" in text
+    assert "refrag eval perplexity --s 64" in text and "TTFT sweep" not in text
+    for png in ("quality_vs_rate.png", "qa_quality_vs_ttft.png", "training_curves.png"):
+        assert (out.parent / png).stat().st_size > 1000
+
+
+def test_missing_results_folder(tmp_path):
+    with pytest.raises(InputError, match="results folder"):
+        write_report(ReportInputs(tmp_path / "nope", tmp_path / "r.md"))

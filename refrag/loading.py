@@ -32,7 +32,8 @@ def load_model(
             checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
         return RefragModel.load(checkpoint, dtype=dtype, progress=progress)
-    log.warning("no trained compressor for %s + %s at k=%d: the projector is untrained", decoder, encoder, k)
-    return RefragModel.from_config(
+    model = RefragModel.from_config(
         RefragConfig(decoder=decoder, encoder=encoder, k=k, dtype=dtype), progress=progress  # type: ignore[arg-type]
     )
+    log.warning("no trained compressor for %s + %s at k=%d: the projector is untrained", decoder, encoder, k)
+    return model

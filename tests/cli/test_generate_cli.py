@@ -69,4 +69,4 @@ def test_main_prints_one_line_errors(capsys, monkeypatch, context):
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2
-    assert "error: unknown model 'nope'" in capsys.readouterr().err
+    assert "error: unknown model: 'nope'" in capsys.readouterr().err

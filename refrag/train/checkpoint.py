@@ -93,5 +93,7 @@ def export_model(source: str | Path, target: str | Path) -> Path:
     """The shippable copy of a trained checkpoint: trained parts stored in bf16 (half the bytes), frozen
     built-in parts referenced by name."""
     model = RefragModel.load(source, dtype="bfloat16", progress=False)
+    original = read_manifest(Path(source))["config"]
+    model.config.encoder, model.config.decoder = original["encoder"], original["decoder"]  # names, not paths
     return model.save(target, save_encoder=(Path(source) / "encoder").is_dir(),
                       save_decoder=(Path(source) / "decoder").is_dir())

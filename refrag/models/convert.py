@@ -141,12 +141,6 @@ def _unzip(archive: Path, out: Path) -> None:
         shutil.rmtree(found[0])
 
 
-def _make_readable(folder: Path) -> None:
-    """Open the shared cache to every user (the temporary folder and files were created private)."""
-    for path in (folder, *folder.rglob("*")):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def is_converted(entry: ZooEntry) -> bool:
     """Whether the cache holds a finished conversion of exactly these packaged weights."""
     try:
@@ -196,4 +190,3 @@ def _build(entry: ZooEntry, paths: list[Path], out: Path, console: Console) -> N
         _convert_gguf(gguf, out)
     shutil.rmtree(work)
     write_json_atomic(out / MARKER, {"name": entry.name, "sha256": entry.sha256, "packages": entry.packages})
-    _make_readable(out)

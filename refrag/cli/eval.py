@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import Checkpoint, Decoder, DEFAULTS, DType, Encoder, Json, print_json, setup_torch
+from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, print_json, setup_torch
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate quality (perplexity, QA).")
 
@@ -18,7 +18,10 @@ Seed = Annotated[int, typer.Option("--seed", help="example selection seed")]
 
 @app.command("perplexity")
 def perplexity_cmd(
-    data: Annotated[list[str], typer.Option("--data", help="documents: txt (blank-line separated), jsonl, folder, hf:NAME")],
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="documents: txt (blank-line separated), jsonl, folder, hf:NAME"),
+    ],
     s: Annotated[int, typer.Option("--s", help="context tokens")] = 512,
     o: Annotated[int, typer.Option("--o", help="output tokens scored")] = 128,
     k: Annotated[list[int] | None, typer.Option("--k", help="compression rate(s) (repeatable)")] = None,
@@ -65,10 +68,16 @@ def perplexity_cmd(
 @app.command("qa")
 def qa_cmd(
     data: Annotated[Path, typer.Option("--data", help="question/answer JSONL")],
-    modes: Annotated[str, typer.Option(help="comma list: full, refrag, refrag@N (N passages), llmlingua")] = "full,refrag",
-    index: Annotated[Path | None, typer.Option("--index", help="retrieve passages from this index (else gold passages)")] = None,
+    modes: Annotated[
+        str, typer.Option(help="comma list: full, refrag, refrag@N (N passages), llmlingua")
+    ] = "full,refrag",
+    index: Annotated[
+        Path | None, typer.Option("--index", help="retrieve passages from this index (else gold passages)")
+    ] = None,
     passages: Annotated[int, typer.Option(help="passages per question (modes without @N)")] = 1,
-    counterfactual: Annotated[bool, typer.Option(help="use the answer-swapped passages (cf_context / cf_answer)")] = False,
+    counterfactual: Annotated[
+        bool, typer.Option(help="use the answer-swapped passages (cf_context / cf_answer)")
+    ] = False,
     max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 16,
     question_field: Annotated[str, typer.Option(help="JSONL field")] = "question",
     answer_field: Annotated[str, typer.Option(help="JSONL field (string or list)")] = "answer",
@@ -111,7 +120,13 @@ def qa_cmd(
     if out is not None:
         write_json_atomic(
             out / "summary.json",
-            {"modes": rows, "data": str(data), "counterfactual": counterfactual, "model": model or "default", "seed": seed},
+            {
+                "modes": rows,
+                "data": str(data),
+                "counterfactual": counterfactual,
+                "model": model or "default",
+                "seed": seed,
+            },
         )
         write_jsonl_atomic(out / "examples.jsonl", (asdict(r) for r in records))
     if json_out:
@@ -125,11 +140,14 @@ def qa_cmd(
         )
 
 
-
 def report_cmd(
     results: Annotated[Path, typer.Option("--results", help="folder the eval/bench commands wrote into")],
-    out: Annotated[Path, typer.Option("--out", help="markdown file (PNGs are written next to it)")] = Path("docs/report.md"),
-    runs: Annotated[Path | None, typer.Option("--runs", help="training runs folder (metrics.csv) for curves")] = Path("runs"),
+    out: Annotated[Path, typer.Option("--out", help="markdown file (PNGs are written next to it)")] = Path(
+        "docs/report.md"
+    ),
+    runs: Annotated[
+        Path | None, typer.Option("--runs", help="training runs folder (metrics.csv) for curves")
+    ] = Path("runs"),
 ) -> None:
     """Write one markdown report (tables + PNG plots) from the measurements in RESULTS."""
     from refrag.eval.report import ReportInputs, write_report

@@ -103,8 +103,13 @@ class PerplexityResult:
     def summary(self) -> dict:
         o = self.options
         return {
-            "s": o.s, "o": o.o, "n": self.n, "ks": list(o.ks), "seed": o.seed,
-            "log_ppl": self.log_ppl, "recovered": self.recovered,
+            "s": o.s,
+            "o": o.o,
+            "n": self.n,
+            "ks": list(o.ks),
+            "seed": o.seed,
+            "log_ppl": self.log_ppl,
+            "recovered": self.recovered,
         }
 
     def rows(self) -> list[dict]:
@@ -133,11 +138,17 @@ def extract_examples(
         if len(ids) < s + o:
             continue
         offset = rng.randrange(len(ids) - (s + o) + 1)
-        out.append(PerplexityExample(d, offset, tuple(ids[offset : offset + s]), tuple(ids[offset + s : offset + s + o])))
+        out.append(
+            PerplexityExample(
+                d, offset, tuple(ids[offset : offset + s]), tuple(ids[offset + s : offset + s + o])
+            )
+        )
         if len(out) == limit:
             break
     if not out:
-        raise InputError(f"no document has the {s + o} tokens an example needs; use longer documents or smaller --s/--o.")
+        raise InputError(
+            f"no document has the {s + o} tokens an example needs; use longer documents or smaller --s/--o."
+        )
     if len(out) < limit:
         log.warning("only %d documents are long enough for s=%d + o=%d (asked for %d)", len(out), s, o, limit)
     return out
@@ -151,7 +162,12 @@ def start_token(tokenizer) -> int | None:
     return None
 
 
-def scored_layout(prefix: Sequence[Sequence[int] | torch.Tensor], output: Sequence[int], model: RefragModel, skip_first: bool) -> Layout:
+def scored_layout(
+    prefix: Sequence[Sequence[int] | torch.Tensor],
+    output: Sequence[int],
+    model: RefragModel,
+    skip_first: bool,
+) -> Layout:
     """prefix segments + output[:-1], labels on the output tokens (the first one predicted by the prefix's end)."""
     layout = segments_layout([*prefix, list(output[:-1])], model.decoder.config.hidden_size, model.dtype)
     n_prefix = layout.length - (len(output) - 1)
@@ -159,7 +175,9 @@ def scored_layout(prefix: Sequence[Sequence[int] | torch.Tensor], output: Sequen
     labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
     if n_prefix == 0:  # nothing predicts output[0]
         if not skip_first:
-            raise InputError("an empty prefix cannot predict the first output token; score with skip_first=True.")
+            raise InputError(
+                "an empty prefix cannot predict the first output token; score with skip_first=True."
+            )
         labels[:] = targets[1:]
     else:
         labels[n_prefix - 1 :] = targets  # the prefix's last position predicts output[0]
@@ -169,16 +187,22 @@ def scored_layout(prefix: Sequence[Sequence[int] | torch.Tensor], output: Sequen
     return layout
 
 
-def _prefixes(model: RefragModel, batch: Sequence[PerplexityExample], method: str, options: PerplexityOptions, start: int | None) -> list[list]:
+def _prefixes(
+    model: RefragModel,
+    batch: Sequence[PerplexityExample],
+    method: str,
+    options: PerplexityOptions,
+    start: int | None,
+) -> list[list]:
     """The segments before the output tokens, for one method and a batch of examples."""
     if method == "no_context":
         return [[[start]] if start is not None else [] for _ in batch]
     if method == "full":
         return [[list(ex.context)] for ex in batch]
     if method.startswith("truncated"):
-        K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated"):])
+        K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated") :])
         return [[list(ex.context[-K:])] for ex in batch]
-    k = int(method[len("refrag"):])
+    k = int(method[len("refrag") :])
     chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
     vectors = model.embed_chunks([c.text for cs in chunks for c in cs])  # [B * L, D]
     L = options.s // k
@@ -197,7 +221,11 @@ def example_nll(model: RefragModel, layouts: Sequence[Layout]) -> list[float]:
 
 @torch.inference_mode()
 def evaluate_perplexity(
-    model: RefragModel, examples: Sequence[PerplexityExample], options: PerplexityOptions, *, progress: bool = True
+    model: RefragModel,
+    examples: Sequence[PerplexityExample],
+    options: PerplexityOptions,
+    *,
+    progress: bool = True,
 ) -> PerplexityResult:
     """Log-perplexity of every example's output tokens under every method of ``options``."""
     start = start_token(model.tokenizer)
@@ -208,7 +236,9 @@ def evaluate_perplexity(
     for batch in batches:
         for method in methods:
             prefixes = _prefixes(model, batch, method, options, start)
-            layouts = [scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)]
+            layouts = [
+                scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)
+            ]
             result.per_example[method].extend(example_nll(model, layouts))
             bar.update()
     bar.close()

@@ -97,7 +97,9 @@ def parse_modes(spec: str) -> tuple[QAMode, ...]:
     for name in (m.strip() for m in spec.split(",") if m.strip()):
         kind, _, count = name.partition("@")
         if kind not in ("full", "refrag", "llmlingua") or (count and not count.isdigit()) or count == "0":
-            raise InputError(f"unknown QA mode {name!r}: use full, refrag, llmlingua, optionally @N passages (refrag@8).")
+            raise InputError(
+                f"unknown QA mode {name!r}: use full, refrag, llmlingua, optionally @N passages (refrag@8)."
+            )
         modes.append(QAMode(name, kind, int(count) if count else None))
     if not modes:
         raise InputError("give at least one mode (--modes full,refrag).")
@@ -105,7 +107,12 @@ def parse_modes(spec: str) -> tuple[QAMode, ...]:
 
 
 def load_qa(
-    path: str | Path, fields: QAFields = QAFields(), *, limit: int | None = None, seed: int = 0, counterfactual: bool = False
+    path: str | Path,
+    fields: QAFields = QAFields(),
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    counterfactual: bool = False,
 ) -> list[QAExample]:
     """Read question/answer JSONL; a seeded sample of ``limit`` rows (file order kept) when limit is set."""
     path = Path(path)
@@ -122,7 +129,9 @@ def load_qa(
     if limit is not None and limit < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
         rows = [rows[i] for i in keep]
-    answer_f, context_f = (fields.cf_answer, fields.cf_context) if counterfactual else (fields.answer, fields.context)
+    answer_f, context_f = (
+        (fields.cf_answer, fields.cf_context) if counterfactual else (fields.answer, fields.context)
+    )
     out = []
     for row in rows:
         if fields.question not in row or answer_f not in row:
@@ -185,9 +194,14 @@ def evaluate_qa(
                 result = pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling)
                 answer, ttft = result.answer, result.ttft_s
             else:
-                texts = gold_passages(examples, i, count, options.seed) if pipeline is None else [
-                    pipeline.index.passage(h.id, model.tokenizer).text for h in pipeline.index.search(ex.question, count)
-                ]
+                texts = (
+                    gold_passages(examples, i, count, options.seed)
+                    if pipeline is None
+                    else [
+                        pipeline.index.passage(h.id, model.tokenizer).text
+                        for h in pipeline.index.search(ex.question, count)
+                    ]
+                )
                 request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
                 if mode.kind == "refrag":
                     request = with_cached_vectors(model, request)
@@ -201,11 +215,17 @@ def evaluate_qa(
             pred = answer.text.strip()
             records.append(
                 QARecord(
-                    mode=mode.name, question=ex.question, prediction=pred, answers=ex.answers,
-                    em=exact_match(pred, ex.answers), f1=token_f1(pred, ex.answers),
+                    mode=mode.name,
+                    question=ex.question,
+                    prediction=pred,
+                    answers=ex.answers,
+                    em=exact_match(pred, ex.answers),
+                    f1=token_f1(pred, ex.answers),
                     contains=contains_answer(pred, ex.answers),
                     memory=contains_answer(pred, ex.memory_answers) if ex.memory_answers else None,
-                    ttft_s=ttft, decoder_positions=answer.decoder_positions, context_tokens=answer.context_tokens,
+                    ttft_s=ttft,
+                    decoder_positions=answer.decoder_positions,
+                    context_tokens=answer.context_tokens,
                 )
             )
             bar.update()
@@ -213,12 +233,20 @@ def evaluate_qa(
     return [_summarise(m, [r for r in records if r.mode == m.name], options) for m in options.modes], records
 
 
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def _summarise(mode: QAMode, rows: Sequence[QARecord], options: QAOptions) -> QASummary:
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     memory = [r.memory for r in rows if r.memory is not None]
     return QASummary(
-        mode=mode.name, n=len(rows), em=mean([r.em for r in rows]), f1=mean([r.f1 for r in rows]),
-        contains=mean([r.contains for r in rows]), memory=mean(memory) if memory else None,
+        mode=mode.name,
+        n=len(rows),
+        em=_mean([r.em for r in rows]),
+        f1=_mean([r.f1 for r in rows]),
+        contains=_mean([r.contains for r in rows]),
+        memory=_mean(memory) if memory else None,
         ttft_p50_s=statistics.median(r.ttft_s for r in rows) if rows else float("nan"),
-        decoder_positions=mean([r.decoder_positions for r in rows]), passages=mode.passages or options.passages,
+        decoder_positions=_mean([r.decoder_positions for r in rows]),
+        passages=mode.passages or options.passages,
     )

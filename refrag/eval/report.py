@@ -37,12 +37,14 @@ def _plt():
     return plt
 
 
-def _rate(method: str, s: int) -> float:
-    """Context tokens per decoder position a perplexity method gives the decoder."""
+def _rate(method: str, s: int, first_k: int) -> float:
+    """Context tokens per decoder position a perplexity method gives the decoder (no_context has none)."""
     if method.startswith("refrag"):
-        return float(method[len("refrag"):])
+        return float(method[len("refrag") :])
+    if method == "truncated":
+        return float(first_k)
     if method.startswith("truncated"):
-        return s / float(method[len("truncated"):]) if method != "truncated" else float("nan")
+        return s / float(method[len("truncated") :])
     return 1.0
 
 
@@ -55,10 +57,19 @@ def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
         if method == "no_context":
             ax.axhline(value, color="gray", ls="--", label="no context")
             continue
-        rate = ks[0] if method == "truncated" else _rate(method, s)
-        ax.plot([rate], [value], "o" if method.startswith("refrag") else "s", ms=8, label=method)
-    ax.set(xscale="log", xlabel="context tokens per decoder position", ylabel="log-perplexity (nats/token)",
-           title=f"Quality vs compression, s={s}, o={ppl['o']}, n={ppl['n']}")
+        ax.plot(
+            [_rate(method, s, ks[0])],
+            [value],
+            "o" if method.startswith("refrag") else "s",
+            ms=8,
+            label=method,
+        )
+    ax.set(
+        xscale="log",
+        xlabel="context tokens per decoder position",
+        ylabel="log-perplexity (nats/token)",
+        title=f"Quality vs compression, s={s}, o={ppl['o']}, n={ppl['n']}",
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -133,23 +144,50 @@ def _ppl_section(ppl: dict, png: str) -> str:
 
 def _qa_section(title: str, summary: dict) -> list[list[str]]:
     return [
-        [title, r["mode"], str(r["passages"]), str(r["n"]), _fmt(r["em"]), _fmt(r["f1"]), _fmt(r["contains"]),
-         _fmt(r.get("memory")), f"{r['ttft_p50_s'] * 1e3:.0f}", f"{r['decoder_positions']:.0f}"]
+        [
+            title,
+            r["mode"],
+            str(r["passages"]),
+            str(r["n"]),
+            _fmt(r["em"]),
+            _fmt(r["f1"]),
+            _fmt(r["contains"]),
+            _fmt(r.get("memory")),
+            f"{r['ttft_p50_s'] * 1e3:.0f}",
+            f"{r['decoder_positions']:.0f}",
+        ]
         for r in summary["modes"]
     ]
 
 
 def _ttft_section(ttft: dict, png: str) -> str:
     rows = [
-        [str(r["s"]), f"{r['ttft_full_s']:.3f}", f"{r['ttft_cached_s']:.3f}", f"{r['ttft_uncached_s']:.3f}",
-         f"{r['ratio_cached']:.2f}x", f"{r['ratio_uncached']:.2f}x", f"{r['positions_full']} / {r['positions_refrag']}"]
+        [
+            str(r["s"]),
+            f"{r['ttft_full_s']:.3f}",
+            f"{r['ttft_cached_s']:.3f}",
+            f"{r['ttft_uncached_s']:.3f}",
+            f"{r['ratio_cached']:.2f}x",
+            f"{r['ratio_uncached']:.2f}x",
+            f"{r['positions_full']} / {r['positions_refrag']}",
+        ]
         for r in ttft["rows"]
     ]
     return (
         f"## TTFT sweep\n\nmodel {ttft['model']}, k = {ttft['k']}, {ttft['dtype']}, median of {ttft['repeats']} "
         "interleaved runs per path.\n\n"
-        + _table(["s", "full (s)", "REFRAG cached (s)", "REFRAG uncached (s)", "speed-up cached",
-                  "speed-up uncached", "positions full / REFRAG"], rows)
+        + _table(
+            [
+                "s",
+                "full (s)",
+                "REFRAG cached (s)",
+                "REFRAG uncached (s)",
+                "speed-up cached",
+                "speed-up uncached",
+                "positions full / REFRAG",
+            ],
+            rows,
+        )
         + f"\n\n![TTFT vs context length]({png})\n"
     )
 
@@ -161,7 +199,9 @@ def write_report(inputs: ReportInputs) -> Path:
 
     res = inputs.results
     if not res.is_dir():
-        raise InputError(f"results folder not found: {res}; run the eval/bench commands with --out there first.")
+        raise InputError(
+            f"results folder not found: {res}; run the eval/bench commands with --out there first."
+        )
     out_dir = inputs.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# REFRAG evaluation report\n"]
@@ -192,8 +232,21 @@ def write_report(inputs: ReportInputs) -> Path:
             "(chunk encodings precomputed as an index stores them; LLMLingua's compression time included). "
             "memory = the counterfactual run's rate of answering with the ORIGINAL answer (answering from memory "
             "instead of reading the passage).\n\n"
-            + _table(["run", "mode", "passages", "n", "EM", "F1", "contains", "memory", "TTFT p50 (ms)",
-                      "decoder positions"], qa_rows)
+            + _table(
+                [
+                    "run",
+                    "mode",
+                    "passages",
+                    "n",
+                    "EM",
+                    "F1",
+                    "contains",
+                    "memory",
+                    "TTFT p50 (ms)",
+                    "decoder positions",
+                ],
+                qa_rows,
+            )
             + (f"\n\n![QA quality vs TTFT]({png})\n" if png else "\n")
         )
     if isinstance(ttft, dict):

@@ -36,7 +36,7 @@ def setup():
 
 
 def test_examples_are_windows_of_one_document(setup):
-    model, opts, examples = setup
+    model, _, examples = setup
     assert len(examples) == 3
     for ex in examples:
         assert len(ex.context) == 16 and len(ex.output) == 6
@@ -63,7 +63,12 @@ def test_masking_equals_hand_computation(setup):
         assert result.per_example["truncated"][i] == pytest.approx(_hand_nll(model, ctx[-4:], out), abs=1e-4)
         assert result.per_example["truncated2"][i] == pytest.approx(_hand_nll(model, ctx[-2:], out), abs=1e-4)
     summary = result.summary()
-    assert summary["n"] == 3 and set(summary["recovered"]) == {"truncated", "truncated2", "refrag4", "refrag8"}
+    assert summary["n"] == 3 and set(summary["recovered"]) == {
+        "truncated",
+        "truncated2",
+        "refrag4",
+        "refrag8",
+    }
     lp = result.log_ppl
     expect = (lp["no_context"] - lp["refrag4"]) / (lp["no_context"] - lp["full"])
     assert summary["recovered"]["refrag4"] == pytest.approx(expect)

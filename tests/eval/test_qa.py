@@ -11,8 +11,13 @@ from refrag.eval.qa import QAFields, QAOptions, evaluate_qa, gold_passages, load
 from tests.conftest import tiny_refrag
 
 ROWS = [
-    {"q": f"Where is city {i}?", "a": f"place {i}", "ctx": f"City {i} is in place {i}. " * 3,
-     "cf_answer": f"nowhere {i}", "cf_context": f"City {i} is in nowhere {i}."}
+    {
+        "q": f"Where is city {i}?",
+        "a": f"place {i}",
+        "ctx": f"City {i} is in place {i}. " * 3,
+        "cf_answer": f"nowhere {i}",
+        "cf_context": f"City {i} is in nowhere {i}.",
+    }
     for i in range(6)
 ]
 
@@ -26,7 +31,12 @@ def qa_file(tmp_path):
 
 def test_parse_modes():
     modes = parse_modes("full, refrag,refrag@8,llmlingua")
-    assert [(m.kind, m.passages) for m in modes] == [("full", None), ("refrag", None), ("refrag", 8), ("llmlingua", None)]
+    assert [(m.kind, m.passages) for m in modes] == [
+        ("full", None),
+        ("refrag", None),
+        ("refrag", 8),
+        ("llmlingua", None),
+    ]
     for bad in ("fast", "refrag@x", "refrag@0", ""):
         with pytest.raises(InputError):
             parse_modes(bad)

@@ -13,15 +13,34 @@ from refrag.eval.report import ReportInputs, write_report
 def test_report_tables_and_plots(tmp_path):
     res = tmp_path / "results"
     (res / "ppl").mkdir(parents=True)
-    (res / "ppl" / "summary.json").write_text(json.dumps({
-        "s": 64, "o": 16, "n": 3, "ks": [16], "seed": 0, "data": ["d.txt"],
-        "log_ppl": {"no_context": 3.0, "full": 2.0, "truncated": 2.75, "refrag16": 2.5},
-        "recovered": {"truncated": 0.25, "refrag16": 0.5},
-    }))
+    (res / "ppl" / "summary.json").write_text(
+        json.dumps(
+            {
+                "s": 64,
+                "o": 16,
+                "n": 3,
+                "ks": [16],
+                "seed": 0,
+                "data": ["d.txt"],
+                "log_ppl": {"no_context": 3.0, "full": 2.0, "truncated": 2.75, "refrag16": 2.5},
+                "recovered": {"truncated": 0.25, "refrag16": 0.5},
+            }
+        )
+    )
     (res / "qa_nq").mkdir()
-    mode = {"n": 2, "em": 0.5, "f1": 0.625, "contains": 1.0, "memory": None, "ttft_p50_s": 0.1234,
-            "decoder_positions": 40.0, "passages": 1}
-    (res / "qa_nq" / "summary.json").write_text(json.dumps({"modes": [{**mode, "mode": "full"}], "counterfactual": False}))
+    mode = {
+        "n": 2,
+        "em": 0.5,
+        "f1": 0.625,
+        "contains": 1.0,
+        "memory": None,
+        "ttft_p50_s": 0.1234,
+        "decoder_positions": 40.0,
+        "passages": 1,
+    }
+    (res / "qa_nq" / "summary.json").write_text(
+        json.dumps({"modes": [{**mode, "mode": "full"}], "counterfactual": False})
+    )
     (res / "commands.txt").write_text("refrag eval perplexity --s 64")
     runs = tmp_path / "runs" / "a"
     runs.mkdir(parents=True)

@@ -29,10 +29,14 @@ PassageTokens = Annotated[int, typer.Option(help="max decoder tokens per passage
 
 
 def _model(index, checkpoint, decoder, encoder, k, dtype, progress):
-    """The model for an index: --model, else the decoder / chunk encoder / k recorded in the index."""
+    """The model for an index: --model, else the checkpoint whose encoder built it, else the recorded parts."""
     from refrag.loading import load_model
+    from refrag.modeling import MANIFEST
 
     key = index.manifest["model"]
+    built_from = Path(key["chunk_encoder"]).parent  # a checkpoint that saved its fine-tuned encoder
+    if checkpoint is None and decoder is encoder is k is None and (built_from / MANIFEST).exists():
+        checkpoint = built_from
     return load_model(checkpoint, decoder=decoder or index.manifest.get("decoder", DEFAULT_DECODER),
                       encoder=encoder or key["chunk_encoder"], k=k or key["k"], dtype=dtype, progress=progress)
 

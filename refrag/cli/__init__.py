@@ -10,13 +10,17 @@ import sys
 
 import typer
 
-from refrag.cli import bench, generate, index, models
+from refrag.cli import bench, generate, index, models, train
+from refrag.cli import eval as eval_cli
 from refrag.errors import RefragError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="REFRAG: compressed-context RAG.")
 app.add_typer(models.app, name="models")
 app.add_typer(bench.app, name="bench")
 app.add_typer(index.app, name="index")
+app.add_typer(train.app, name="train")
+app.add_typer(eval_cli.app, name="eval")
+eval_cli.app.command("reconstruction")(train.eval_reconstruction_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("search")(index.search_cmd)
 app.command("ask")(index.ask_cmd)

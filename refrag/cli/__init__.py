@@ -24,6 +24,7 @@ eval_cli.app.command("reconstruction")(train.eval_reconstruction_cmd)
 app.command("generate")(generate.generate_cmd)
 app.command("search")(index.search_cmd)
 app.command("ask")(index.ask_cmd)
+app.command("report")(eval_cli.report_cmd)
 bench.app.command("index")(index.bench_index_cmd)
 
 

@@ -153,7 +153,3 @@ def report_cmd(
     from refrag.eval.report import ReportInputs, write_report
 
     typer.echo(str(write_report(ReportInputs(results=results, out=out, runs=runs))))
-
-
-if __name__ == "__main__":  # `python -m refrag.cli.eval ...` until the root CLI registers `refrag eval`
-    app()

@@ -51,6 +51,7 @@ class TTFTRow:
     positions_refrag: int
     kv_bytes_full: int
     kv_bytes_refrag: int
+    samples_s: dict[str, list[float]]  # every timed TTFT per path, in run order (how noisy the machine was)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def bench_ttft(
                 positions_refrag=answers["cached"].decoder_positions,
                 kv_bytes_full=answers["full"].kv_cache_bytes,
                 kv_bytes_refrag=answers["cached"].kv_cache_bytes,
+                samples_s={name: [a.timings.ttft_s for a in v] for name, v in runs.items()},
             )
         )
     bar.close()

@@ -19,6 +19,7 @@ def test_bench_rows_and_plot(tmp_path):
         assert r.positions_full - r.positions_refrag == r.s - r.s // 4
         assert r.kv_bytes_refrag < r.kv_bytes_full
         assert r.ratio_cached == r.ttft_full_s / r.ttft_cached_s
+        assert all(len(v) == 1 for v in r.samples_s.values()) and r.samples_s["full"] == [r.ttft_full_s]
     assert report.throughput is not None and report.throughput.batch == 2
     data = report.to_json()
     assert set(data["rows"][0]) >= {"s", "ttft_full_s", "ttft_cached_s", "ttft_uncached_s", "ratio_cached",

@@ -172,6 +172,7 @@ def bench_throughput(model: RefragModel, s: int, batch: int, new_tokens: int) ->
 def plot_ttft(report: TTFTReport, path: str | Path) -> Path:
     """PNG: TTFT (log scale) vs context length for the three paths, with the ratios annotated."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,6 +188,8 @@ def plot_ttft(report: TTFTReport, path: str | Path) -> Path:
     ax.set(xscale="log", yscale="log", xlabel="context tokens s", ylabel="time to first token (s)",
            title=f"TTFT, {Path(report.model).name}, {report.dtype}, {report.machine.get('torch_threads')} threads")
     ax.set_xticks(s, [str(x) for x in s])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.margins(y=0.15)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

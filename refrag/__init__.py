@@ -31,7 +31,7 @@ _EXPORTS = {
     "Pipeline": "refrag.pipeline",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (built from the lazy export table)
 
 
 def __getattr__(name: str) -> Any:

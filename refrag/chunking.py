@@ -7,8 +7,9 @@ the encoder reads when it is compressed): the two tokenizers differ, so chunking
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from refrag.config import ChunkingOptions
 from refrag.errors import InputError

@@ -17,6 +17,7 @@ from refrag.chunking import Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
+from refrag.prefix_cache import prefix_kv
 from refrag.prompting import PromptTemplate, choose_expanded, context_layout
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -223,14 +224,19 @@ def generate(
             f"the prompt needs {longest} decoder positions but the decoder's window is {limit}: "
             "use --mode refrag, a larger k, or fewer/shorter passages."
         )
-    inputs = model.build_inputs(layouts)
+    # the template head is the same for every request: its KV comes from the prefix cache, not the prefill
+    B, P = len(requests), len(template.prefix_ids)
+    inputs = model.build_inputs([x.without_head(P) for x in layouts])  # [B, T - P, D], left-padded
 
     # prefill (logits for the last position only) and the first token
     t_pre = time.perf_counter()
+    mask = torch.cat([inputs.attention_mask.new_ones(B, P), inputs.attention_mask], dim=1)  # [B, P + T']
+    positions = inputs.position_ids + P
     out = model.decoder(
         inputs_embeds=inputs.inputs_embeds,
-        attention_mask=None if bool(inputs.attention_mask.all()) else inputs.attention_mask,  # no padding: causal kernel
-        position_ids=inputs.position_ids,
+        attention_mask=None if bool(mask.all()) else mask,  # no padding: the causal kernel
+        position_ids=positions,
+        past_key_values=prefix_kv(model.decoder, template.prefix_ids, B) if P else None,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -245,10 +251,9 @@ def generate(
     kv_bytes = kv_cache_bytes(cache)
 
     # KV-cached decoding
-    B = len(requests)
     eos = set() if sampling.ignore_eos else _eos_ids(model)
     rows = [_Row(tok, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None) for b in range(B)]
-    mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
+    positions = positions[:, -1:]
     step_ids = first
     for step in range(sampling.max_new_tokens):
         for row, token in zip(rows, step_ids):

@@ -27,9 +27,9 @@ def load_model(
 
     A fresh projector is untrained: compressed chunks are then noise to the decoder (full mode is unaffected).
     """
-    if checkpoint is None and (decoder, encoder, k) == (DEFAULT_DECODER, DEFAULT_ENCODER, 16):
-        if (DEFAULT_CHECKPOINT / MANIFEST).exists():
-            checkpoint = DEFAULT_CHECKPOINT
+    is_default = (decoder, encoder, k) == (DEFAULT_DECODER, DEFAULT_ENCODER, 16)
+    if checkpoint is None and is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
+        checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
         return RefragModel.load(checkpoint, dtype=dtype, progress=progress)
     model = RefragModel.from_config(

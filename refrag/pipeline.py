@@ -33,7 +33,7 @@ class Pipeline:
 
     def __init__(self, index: Index, model: RefragModel) -> None:
         index.check_model(model)  # stored chunk encodings must come from this model's chunk encoder
-        index.retriever  # load the retrieval encoder now, not inside the first question's timing
+        _ = index.retriever  # load the retrieval encoder now, not inside the first question's timing
         self.index, self.model = index, model
 
     def ask(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from jinja2 import TemplateError
 
 from refrag.chunking import Passage
 from refrag.config import CompressionOptions
@@ -65,7 +66,7 @@ def _render_chat(tokenizer, content: str) -> str:
     ):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception:  # jinja TemplateError: this template has no system role
+        except TemplateError:  # this template has no system role: try the next form
             continue
     raise InputError("the tokenizer's chat template rejected a plain user message.")
 

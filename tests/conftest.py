@@ -57,10 +57,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_decoder(arch: str, vocab: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=3,
-    )
+    common = {
+        "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "eos_token_id": 3,
+    }
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()
     return Qwen2ForCausalLM(Qwen2Config(**common)).eval()

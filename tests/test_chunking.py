@@ -1,10 +1,9 @@
 import pytest
+from conftest import TEXT
 
 from refrag.chunking import chunk_token_ids, split_passages
 from refrag.config import ChunkingOptions
 from refrag.errors import InputError
-
-from conftest import TEXT
 
 
 def test_passages_respect_budget_and_chunks_cover_tokens(tokenizer):

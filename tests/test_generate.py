@@ -1,13 +1,12 @@
 import pytest
 import torch
+from conftest import tiny_refrag
 
 from refrag.chunking import make_passage
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
 from refrag.generate import Request, generate, sample_next
 from refrag.prompting import PromptTemplate, choose_expanded, context_layout
-
-from conftest import tiny_refrag
 
 CONTEXT = ["Paris is the capital of France. The quick brown fox jumps over the lazy dog."] * 3
 FULL = CompressionOptions(mode="full")

@@ -2,12 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_refrag
 
 from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import IGNORE_INDEX, Layout, Projector, RefragModel, embedding_rms, segments_layout
-
-from conftest import tiny_refrag
 
 
 def _random_ids(model, n, seed=0):

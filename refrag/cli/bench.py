@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from refrag.cli.common import Checkpoint, Decoder, DEFAULTS, DType, Encoder, Json, K, print_json, setup_torch
+from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, K, print_json, setup_torch
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one process).")
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import Checkpoint, Decoder, DEFAULTS, DType, Encoder, Json, K, print_json, setup_torch
+from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, K, print_json, setup_torch
 from refrag.errors import InputError
 
 

@@ -1,6 +1,6 @@
-from refrag.bench.ttft import bench_ttft, context_request, plot_ttft
-
 from conftest import tiny_refrag
+
+from refrag.bench.ttft import bench_ttft, context_request, plot_ttft
 
 
 def test_context_request_has_exact_length():

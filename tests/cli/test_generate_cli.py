@@ -1,11 +1,10 @@
 import json
 
 import pytest
+from conftest import tiny_refrag
 from typer.testing import CliRunner
 
 from refrag.cli import app
-
-from conftest import tiny_refrag
 
 runner = CliRunner()
 

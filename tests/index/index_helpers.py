@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_tokenizer, tiny_encoder, tiny_refrag
 
 from refrag.index import IndexOptions, RetrievalEncoder
-from conftest import make_tokenizer, tiny_encoder, tiny_refrag
 
 DOCS = [
     ("Paris", "Paris is the capital of France. Rivers flow to the sea through Paris."),
@@ -22,8 +22,7 @@ def write_corpus(folder: Path) -> Path:
     """A folder with a .jsonl (title + text), a .txt and a nested .md file."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "docs.jsonl", "w", encoding="utf-8") as f:
-        for title, text in DOCS[:2]:
-            f.write(json.dumps({"title": title, "text": text}) + "\n")
+        f.writelines(json.dumps({"title": title, "text": text}) + "\n" for title, text in DOCS[:2])
     (folder / "numbers.txt").write_text(DOCS[2][1], encoding="utf-8")
     (folder / "sub").mkdir(exist_ok=True)
     (folder / "sub" / "mountains.md").write_text("# Mountains\n\n" + DOCS[3][1], encoding="utf-8")

@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 import typer
+from conftest import tiny_refrag
+from index_helpers import corpus, retrieval_spec  # noqa: F401
 from typer.testing import CliRunner
 
-from index_helpers import corpus, retrieval_spec  # noqa: F401
 from refrag.cli import index as cli
 from refrag.errors import CheckpointError
 from refrag.index import Index
-
-from conftest import tiny_refrag
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import tiny_refrag
 from index_helpers import DOCS, corpus, options, retrieval_spec, rmodel, write_corpus  # noqa: F401
+
 from refrag.config import CompressionOptions, SamplingOptions
 from refrag.errors import CheckpointError, InputError
 from refrag.index import Index
 from refrag.pipeline import Pipeline
-
-from conftest import tiny_refrag
 
 
 def build(corpus, tmp_path, rmodel, options) -> Index:

@@ -6,8 +6,8 @@ import importlib.util
 
 import numpy as np
 import pytest
-
 from index_helpers import corpus, options, retrieval_spec, rmodel  # noqa: F401
+
 from refrag.errors import CheckpointError, InputError
 from refrag.index import FaissStore, Index, IndexOptions, LanceStore, StoreOptions
 

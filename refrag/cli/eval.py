@@ -141,15 +141,27 @@ def qa_cmd(
 
 
 def report_cmd(
-    results: Annotated[Path, typer.Option("--results", help="folder the eval/bench commands wrote into")],
+    results: Annotated[Path, typer.Option("--results", help="folder the eval/bench commands write into")],
     out: Annotated[Path, typer.Option("--out", help="markdown file (PNGs are written next to it)")] = Path(
         "docs/report.md"
     ),
     runs: Annotated[
         Path | None, typer.Option("--runs", help="training runs folder (metrics.csv) for curves")
     ] = Path("runs"),
+    suite: Annotated[
+        str | None, typer.Option(help="first run this suite's missing steps into RESULTS: paper or quick")
+    ] = None,
+    data: Annotated[Path, typer.Option(help="folder with nq_bigbench.jsonl and the held-out text")] = Path(
+        "../shared/data"
+    ),
+    model: Checkpoint = None,
 ) -> None:
-    """Write one markdown report (tables + PNG plots) from the measurements in RESULTS."""
+    """Run an evaluation suite (optional), then write one markdown report (tables + PNG plots) from RESULTS."""
     from refrag.eval.report import ReportInputs, write_report
 
+    if suite is not None:
+        from refrag.eval.suite import run_suite
+
+        for line in run_suite(suite, results, data, model):
+            typer.echo(line, err=True)
     typer.echo(str(write_report(ReportInputs(results=results, out=out, runs=runs))))

@@ -2,7 +2,7 @@
 
 The folder holds what the eval and bench commands wrote (``--out`` / ``--json`` / ``--plot``):
 ``ppl/summary.json``, ``qa_*/summary.json``, ``ttft.json`` + ``ttft.png``, and optionally ``commands.txt``
-(the exact commands run) and ``notes.md`` (caveats to print first). Training logs are ``metrics.csv`` files
+(the exact commands run), ``notes.md`` (caveats to print first) and ``failures.md`` (from a suite run). Training logs are ``metrics.csv`` files
 (step,name,value) under ``runs/``. Every number in the report is read from those files, none is typed in.
 """
 
@@ -205,9 +205,9 @@ def write_report(inputs: ReportInputs) -> Path:
     out_dir = inputs.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# REFRAG evaluation report\n"]
-    notes = res / "notes.md"
-    if notes.is_file():
-        parts.append(notes.read_text(encoding="utf-8").strip() + "\n")
+    for name in ("notes.md", "failures.md"):  # caveats written by hand; steps of a suite that failed
+        if (res / name).is_file():
+            parts.append((res / name).read_text(encoding="utf-8").strip() + "\n")
     ttft = _read(res / "ttft.json")
     machine = ttft["machine"] if isinstance(ttft, dict) else machine_info()
     parts.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()) + "\n")

@@ -1,7 +1,8 @@
 """Prompt layout for RAG: template tokens around the context, context chunks compressed or expanded.
 
-``full`` and ``refrag`` modes build the SAME layout; they differ only in which chunks are vectors. With every
-chunk expanded the decoder sees exactly the plain-RAG token sequence (the parity test checks this).
+``full`` and ``refrag`` modes build the SAME layout; they differ only in which chunks are vectors (and in the
+passage separators, which only sit between raw chunks). With every chunk expanded the decoder sees exactly the
+plain-RAG token sequence (the parity test checks this).
 """
 
 from __future__ import annotations
@@ -108,14 +109,17 @@ def context_layout(
     chunk_vectors: torch.Tensor | None,
     expanded: set[int],
 ) -> Layout:
-    """Layout: prefix, passages (chunks in order; separators between passages), question and suffix.
+    """Layout: prefix, passages (chunks in order), question and suffix.
 
+    A separator goes between two passages only where both neighbouring chunks are raw tokens: compressed
+    chunks follow each other directly, as in training (contiguous text, one vector per chunk), and save a
+    position per passage. With every chunk expanded this is exactly the plain-RAG prompt.
     chunk_vectors: [L, D] projected vectors for all chunks of all passages in order (None in full mode).
     """
     segments: list[Sequence[int] | torch.Tensor] = [template.prefix_ids]
     index = 0
     for p, passage in enumerate(passages):
-        if p:
+        if p and index - 1 in expanded and index in expanded:
             segments.append(template.separator_ids)
         for chunk in passage.chunks:
             if index in expanded:

@@ -47,7 +47,9 @@ def test_refrag_uses_one_position_per_compressed_chunk(model):
     ref = generate(model, [request], sampling=SamplingOptions(max_new_tokens=1))[0]
     assert full.context_positions == full.context_tokens and full.compression == 1.0
     assert ref.context_positions == n_chunks
-    assert ref.decoder_positions == full.decoder_positions - full.context_tokens + n_chunks
+    separators = (len(request.passages) - 1) * len(PromptTemplate.for_tokenizer(model.tokenizer).separator_ids)
+    assert separators > 0  # compressed passages follow each other without separator tokens
+    assert ref.decoder_positions == full.decoder_positions - full.context_tokens - separators + n_chunks
     assert ref.kv_cache_bytes < full.kv_cache_bytes
 
 
@@ -149,3 +151,22 @@ def test_ignore_eos_generates_exactly_max_new_tokens():
     forced = generate(model, [request], sampling=SamplingOptions(max_new_tokens=5, ignore_eos=True))[0]
     assert stopped.finish_reason == "eos" and stopped.token_ids == ()
     assert len(forced.token_ids) == 5 and forced.finish_reason == "length"
+
+
+def test_separators_only_between_raw_chunks(model):
+    """Passage separators stay where both neighbours are raw tokens and go where either side is a vector."""
+    template = PromptTemplate.for_tokenizer(model.tokenizer)
+    passages = [make_passage(list(range(10 + 8 * i, 18 + 8 * i)), model.tokenizer, model.k) for i in range(3)]
+    L = sum(len(p.chunks) for p in passages)  # 2 chunks per passage at k = 4
+    vectors = torch.zeros(L, model.decoder.config.hidden_size)
+    q_ids = [7, 7]
+    sep = len(template.separator_ids)
+
+    def length(expanded):
+        return context_layout(model, template, q_ids, passages, vectors, expanded).length
+
+    base = len(template.prefix_ids) + len(q_ids)
+    assert length(set()) == base + L
+    assert length(set(range(L))) == base + 4 * L + 2 * sep
+    assert length({1, 2}) == base + (L - 2) + 8 + sep  # chunks 1|2 straddle the first boundary
+    assert length({2, 3}) == base + (L - 2) + 8  # a whole raw passage between compressed ones: no separator

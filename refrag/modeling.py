@@ -326,6 +326,18 @@ class RefragModel(nn.Module):
         ).logits
 
 
+def start_token(tokenizer) -> int | None:
+    """The token every training / scoring sequence starts with: BOS, else EOS, else None.
+
+    Decoders use their first position as an attention sink (attention mass parks there, its value is barely
+    read); a chunk vector at position 0 would be ignored, so sequences start with this token instead.
+    """
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """[B, T, E] hidden states + [B, T] mask -> [B, E]."""
     if how == "cls":

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from refrag.chunking import chunk_token_ids
 from refrag.errors import InputError
-from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout
+from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,6 @@ def extract_examples(
     return out
 
 
-def start_token(tokenizer) -> int | None:
-    """The token the no-context method starts from: BOS, else EOS, else None."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return None
-
-
 def scored_layout(
     prefix: Sequence[Sequence[int] | torch.Tensor],
     output: Sequence[int],
@@ -194,19 +186,23 @@ def _prefixes(
     options: PerplexityOptions,
     start: int | None,
 ) -> list[list]:
-    """The segments before the output tokens, for one method and a batch of examples."""
+    """The segments before the output tokens, for one method and a batch of examples.
+
+    Every method starts with the start token (as training does), so no context ever sits at position 0.
+    """
+    head = [[start]] if start is not None else []
     if method == "no_context":
-        return [[[start]] if start is not None else [] for _ in batch]
+        return [list(head) for _ in batch]
     if method == "full":
-        return [[list(ex.context)] for ex in batch]
+        return [[*head, list(ex.context)] for ex in batch]
     if method.startswith("truncated"):
         K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated") :])
-        return [[list(ex.context[-K:])] for ex in batch]
+        return [[*head, list(ex.context[-K:])] for ex in batch]
     k = int(method[len("refrag") :])
     chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
     vectors = model.embed_chunks([c.text for cs in chunks for c in cs])  # [B * L, D]
     L = options.s // k
-    return [[vectors[i * L : (i + 1) * L]] for i in range(len(batch))]
+    return [[*head, vectors[i * L : (i + 1) * L]] for i in range(len(batch))]
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout]) -> list[float]:

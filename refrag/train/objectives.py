@@ -15,7 +15,7 @@ import torch
 
 from refrag.chunking import chunk_token_ids
 from refrag.errors import CheckpointError
-from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout
+from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
 from refrag.train.data import sample_window
 
 STAGES = ("reconstruct", "cpt", "mixed")
@@ -70,9 +70,10 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     texts = [c.text for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
     vectors = model.embed_chunks(texts) if texts else None  # [N, D]
     dim = model.decoder.config.hidden_size
+    anchor = [] if (t := start_token(tok)) is None else [t]
     layouts, row = [], 0
     for chunks, ex in zip(chunked, examples):
-        segments: list[list[int] | torch.Tensor] = []
+        segments: list[list[int] | torch.Tensor] = [anchor]
         for i, c in enumerate(chunks):
             if i in ex.expanded:
                 segments.append(list(c.token_ids))

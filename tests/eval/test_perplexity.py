@@ -12,8 +12,8 @@ from refrag.eval.perplexity import (
     PerplexityOptions,
     evaluate_perplexity,
     extract_examples,
-    start_token,
 )
+from refrag.modeling import start_token
 from tests.conftest import TEXT, tiny_refrag
 
 
@@ -58,10 +58,11 @@ def test_masking_equals_hand_computation(setup):
     bos = start_token(model.tokenizer)
     for i, ex in enumerate(examples):
         ctx, out = list(ex.context), list(ex.output)
-        assert result.per_example["full"][i] == pytest.approx(_hand_nll(model, ctx, out), abs=1e-4)
+        # every method starts with the start token, then its context
+        assert result.per_example["full"][i] == pytest.approx(_hand_nll(model, [bos, *ctx], out), abs=1e-4)
         assert result.per_example["no_context"][i] == pytest.approx(_hand_nll(model, [bos], out), abs=1e-4)
-        assert result.per_example["truncated"][i] == pytest.approx(_hand_nll(model, ctx[-4:], out), abs=1e-4)
-        assert result.per_example["truncated2"][i] == pytest.approx(_hand_nll(model, ctx[-2:], out), abs=1e-4)
+        assert result.per_example["truncated"][i] == pytest.approx(_hand_nll(model, [bos, *ctx[-4:]], out), abs=1e-4)
+        assert result.per_example["truncated2"][i] == pytest.approx(_hand_nll(model, [bos, *ctx[-2:]], out), abs=1e-4)
     summary = result.summary()
     assert summary["n"] == 3 and set(summary["recovered"]) == {
         "truncated",

@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_refrag
 
 from refrag.errors import CheckpointError
-from refrag.modeling import IGNORE_INDEX
+from refrag.modeling import IGNORE_INDEX, start_token
 from refrag.train.objectives import Example, check_stage_order, example_layouts
 
 
@@ -11,19 +11,20 @@ def test_reconstruction_layout_prefix_then_teacher_forced_tokens():
     model = tiny_refrag("llama", k=4)
     ctx = tuple(range(10, 22))  # 3 chunks of 4
     (lay,) = example_layouts(model, [Example(context=ctx, continuation=())])
-    assert lay.length == 3 + 11
-    assert lay.is_vector.tolist() == [True] * 3 + [False] * 11
-    assert lay.token_ids[3:].tolist() == list(ctx[:-1])
-    assert lay.labels.tolist() == [IGNORE_INDEX] * 2 + list(ctx)  # loss on x_1..x_s only
+    start = start_token(model.tokenizer)
+    assert lay.length == 1 + 3 + 11  # start token (never a chunk at position 0: the attention sink), chunks, tokens
+    assert lay.token_ids[0] == start and lay.is_vector.tolist() == [False] + [True] * 3 + [False] * 11
+    assert lay.token_ids[4:].tolist() == list(ctx[:-1])
+    assert lay.labels.tolist() == [IGNORE_INDEX] * 3 + list(ctx)  # loss on x_1..x_s only
 
 
 def test_next_paragraph_layout_masks_context_and_keeps_expanded_tokens_in_place():
     model = tiny_refrag("llama", k=4)
     ctx, cont = tuple(range(10, 22)), (40, 41, 42)
     (lay,) = example_layouts(model, [Example(context=ctx, continuation=cont, expanded=(1,))])
-    assert lay.is_vector.tolist() == [True] + [False] * 4 + [True] + [False] * 2
-    assert lay.token_ids[1:5].tolist() == list(ctx[4:8])
-    assert lay.labels.tolist() == [IGNORE_INDEX] * 5 + list(cont)
+    assert lay.is_vector.tolist() == [False, True] + [False] * 4 + [True] + [False] * 2
+    assert lay.token_ids[2:6].tolist() == list(ctx[4:8])
+    assert lay.labels.tolist() == [IGNORE_INDEX] * 6 + list(cont)
 
 
 def test_loss_counts_only_labelled_tokens():

@@ -43,7 +43,7 @@ def _paper_steps(ppl_limit: int, qa_limit: int, cf_limit: int, lingua_limit: int
 
 SUITES: dict[str, list[Step]] = {
     # the protocol: >= 200 perplexity windows at s=512/o=128, >= 300 NQ questions, full TTFT sweep
-    "paper": _paper_steps(200, 300, 100, 50, ("--lengths", "512,1024,2048,4096,8000", "--repeats", "5")),
+    "paper": _paper_steps(200, 300, 100, 50, ("--lengths", "512,1024,2048,4096,8000", "--repeats", "7")),
     # minutes, for a first look
     "quick": _paper_steps(24, 30, 10, 5, ("--lengths", "512,2048", "--repeats", "2", "--batch", "0")),
 }

@@ -66,7 +66,7 @@ def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: s
     recipe = {"reconstruct": reconstruct, "cpt": cpt, "mixed": mixed}[stage]
     result = recipe(model, corpus, stage_options, train_options)
     for n, s in sorted(result.eval.items()):
-        typer.echo(f"held-out {n}x{k}: log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f} ({s.tokens} tokens)")
+        typer.echo(f"held-out {n}x{model.k}: log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f} ({s.tokens} tokens)")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 
 

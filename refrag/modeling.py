@@ -75,12 +75,6 @@ class Layout:
     def length(self) -> int:
         return int(self.token_ids.shape[0])
 
-    def without_head(self, n: int) -> Layout:
-        """The layout after its first ``n`` positions (e.g. a template head already in a KV cache)."""
-        skipped = int(self.is_vector[:n].sum())
-        labels = None if self.labels is None else self.labels[n:]
-        return Layout(self.token_ids[n:], self.is_vector[n:], self.vectors[skipped:], labels)
-
 
 @dataclass
 class DecoderInputs:

@@ -5,6 +5,9 @@ then read by the decoder as plain tokens. Offline it needs one fix: its construc
 ``tiktoken.encoding_for_model("gpt-3.5-turbo")``, which downloads ``cl100k_base.tiktoken`` from
 openaipublic.blob.core.windows.net, only to COUNT tokens for its budget. We give it the scorer's own
 tokenizer instead, so ``target_token`` is counted in decoder tokens: exactly the budget REFRAG's positions set.
+A second fix is for transformers >= 5: LLMLingua 0.2.2 slices ``past_key_values`` as a list of ``[k, v]`` pairs
+when a prompt spans several of its windows, but the model now returns a Cache object (``ValueError: too many
+values to unpack``); :class:`_LegacyKV` converts between the two around the scorer's forward.
 """
 
 from __future__ import annotations
@@ -30,6 +33,29 @@ class _DecoderTokenCounter:
         return self.tokenizer.decode(list(ids))
 
 
+class _LegacyKV:
+    """The scorer model, taking and returning past key/values as ``[[k, v], ...]`` (LLMLingua's format)."""
+
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
+        from transformers import DynamicCache
+
+        if past_key_values is not None and not isinstance(past_key_values, DynamicCache):
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(past_key_values):
+                cache.update(k, v, layer)
+            past_key_values = cache
+        out = self._model(*args, past_key_values=past_key_values, **kwargs)
+        if isinstance(out.past_key_values, DynamicCache):
+            out.past_key_values = [[layer.keys, layer.values] for layer in out.past_key_values.layers]
+        return out
+
+
 @dataclass(frozen=True)
 class Compressed:
     text: str
@@ -49,6 +75,7 @@ class LLMLinguaCompressor:
         with mock.patch("tiktoken.encoding_for_model", return_value=counter):
             self.compressor = PromptCompressor(model_name=scorer_path, device_map="cpu")
         self.compressor.oai_tokenizer = counter
+        self.compressor.model = _LegacyKV(self.compressor.model)
         self.counter = counter
 
     def compress(self, passages: Sequence[str], question: str, target_tokens: int) -> Compressed:

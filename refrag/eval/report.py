@@ -2,8 +2,8 @@
 
 The folder holds what the eval and bench commands wrote (``--out`` / ``--json`` / ``--plot``):
 ``ppl/summary.json``, ``qa_*/summary.json``, ``ttft.json`` + ``ttft.png``, and optionally ``commands.txt``
-(the exact commands run), ``notes.md`` (caveats to print first) and ``failures.md`` (from a suite run). Training logs are ``metrics.csv`` files
-(step,name,value) under ``runs/``. Every number in the report is read from those files, none is typed in.
+(the exact commands run), ``notes.md`` (caveats to print first) and ``failures.md`` (from a suite run).
+Training logs are ``metrics.csv`` files (step,name,value) under ``runs/``. Every number in the report is read from those files, none is typed in.
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, ax, path: Path, legend_size: int) -> Path:
+    """Grid, legend, tight layout; write the PNG and free the figure."""
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
 
 
 def _rate(method: str, s: int, first_k: int) -> float:
@@ -70,12 +80,7 @@ def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
         ylabel="log-perplexity (nats/token)",
         title=f"Quality vs compression, s={s}, o={ppl['o']}, n={ppl['n']}",
     )
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_size=8)
 
 
 def plot_qa(rows: list[dict], path: Path) -> Path:
@@ -85,12 +90,7 @@ def plot_qa(rows: list[dict], path: Path) -> Path:
     for r in rows:
         ax.plot([r["ttft_p50_s"]], [r["f1"]], "o", ms=8, label=f"{r['mode']} ({r['passages']} passages)")
     ax.set(xlabel="median TTFT (s)", ylabel="token F1", title="RAG QA: quality vs latency")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_size=8)
 
 
 def plot_training(runs: Path, path: Path) -> Path | None:
@@ -109,12 +109,7 @@ def plot_training(runs: Path, path: Path) -> Path | None:
         for name, points in series.items():
             ax.plot(*zip(*points), label=f"{f.parent.name}: {name}", lw=1)
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training curves")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, legend_size=7)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

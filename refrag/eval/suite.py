@@ -71,8 +71,8 @@ def run_suite(
     results.mkdir(parents=True, exist_ok=True)
     lines, failures = [], []
     for step, args in suite_commands(name, results, data, model):
-        lines.append("refrag " + " ".join(args) + (f" > {results / step.output}" if step.stdout_to else ""))
         target = results / step.output
+        lines.append("refrag " + " ".join(args) + (f" > {target}" if step.stdout_to else ""))
         if target.exists():
             continue
         print(f"[suite {name}] refrag {' '.join(args)}", file=sys.stderr, flush=True)

@@ -93,21 +93,28 @@ def plot_qa(rows: list[dict], path: Path) -> Path:
     return _save(fig, ax, path, legend_size=8)
 
 
+def training_series(runs: Path) -> dict[str, list[tuple[int, float]]]:
+    """"RUN: NAME" -> (step, value) points of train/loss and the held-out eval/log_ppl_* of every metrics.csv."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(runs.rglob("metrics.csv")) if runs.is_dir() else []:
+        with f.open(encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row["name"] == "train/loss" or row["name"].startswith("eval/log_ppl"):  # names the loop writes
+                    series.setdefault(f"{f.parent.name}: {row['name']}", []).append(
+                        (int(row["step"]), float(row["value"]))
+                    )
+    return series
+
+
 def plot_training(runs: Path, path: Path) -> Path | None:
-    """train/loss and val/* curves of every metrics.csv under ``runs``; None when there are none."""
-    files = sorted(runs.rglob("metrics.csv")) if runs.is_dir() else []
-    if not files:
+    """The curves of :func:`training_series`; None when there are none."""
+    series = training_series(runs)
+    if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for f in files:
-        series: dict[str, list[tuple[int, float]]] = {}
-        with f.open(encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                if row["name"] == "train/loss" or row["name"].startswith("val/"):
-                    series.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
-        for name, points in series.items():
-            ax.plot(*zip(*points), label=f"{f.parent.name}: {name}", lw=1)
+    for label, points in series.items():
+        ax.plot(*zip(*points), label=label, lw=1)
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="Training curves")
     return _save(fig, ax, path, legend_size=7)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from refrag.errors import InputError
-from refrag.eval.report import ReportInputs, write_report
+from refrag.eval.report import ReportInputs, training_series, write_report
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -57,3 +57,17 @@ def test_report_tables_and_plots(tmp_path):
 def test_missing_results_folder(tmp_path):
     with pytest.raises(InputError, match="results folder"):
         write_report(ReportInputs(tmp_path / "nope", tmp_path / "r.md"))
+
+
+def test_training_curves_take_train_loss_and_held_out_log_ppl(tmp_path):
+    run = tmp_path / "runs" / "rec"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text(
+        "step,name,value\n1,train/loss,4.0\n1,train/lr,0.1\n2,train/loss,3.5\n"
+        "2,eval/log_ppl_1xk,3.9\n2,eval/acc_1xk,0.3\n"
+    )
+    assert training_series(tmp_path / "runs") == {
+        "rec: train/loss": [(1, 4.0), (2, 3.5)],
+        "rec: eval/log_ppl_1xk": [(2, 3.9)],
+    }
+    assert training_series(tmp_path / "missing") == {}

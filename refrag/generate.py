@@ -16,7 +16,7 @@ import torch
 from refrag.chunking import Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
-from refrag.modeling import RefragModel
+from refrag.modeling import DecoderInputs, Layout, RefragModel
 from refrag.prompting import PromptTemplate, choose_expanded, context_layout
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -225,9 +225,25 @@ def generate(
         )
     # No KV cache of the constant template head: with a past, SDPA on CPU loses its causal kernel (explicit
     # mask): measured full context 4.6 -> 8.6 s at s = 4096 and no gain for REFRAG (docs/bench/ttft.md).
-    B = len(requests)
     inputs = model.build_inputs(layouts)  # [B, T, D], left-padded
 
+    with model.decoder_scope(inputs.compressed):
+        return _decode(model, requests, layouts, expanded_sets, inputs, sampling, on_text, t0, encode_s)
+
+
+def _decode(
+    model: RefragModel,
+    requests: Sequence[Request],
+    layouts: list[Layout],
+    expanded_sets: list[set[int]],
+    inputs: DecoderInputs,
+    sampling: SamplingOptions,
+    on_text: TextCallback | None,
+    t0: float,
+    encode_s: float,
+) -> list[Answer]:
+    """Prefill, then KV-cached decoding; timings count from ``t0`` (the request's arrival)."""
+    B, tok = len(requests), model.tokenizer
     # prefill (logits for the last position only) and the first token
     t_pre = time.perf_counter()
     mask, positions = inputs.attention_mask, inputs.position_ids

@@ -7,6 +7,7 @@ their k decoder tokens back in place. ``build_inputs`` turns any mix of the two 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from refrag.errors import CheckpointError, InputError
 from refrag.io import atomic_dir, write_json_atomic
 
 MANIFEST = "refrag.json"
+ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when CPT trained one
 FORMAT = "refrag-checkpoint"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
@@ -84,6 +86,7 @@ class DecoderInputs:
     attention_mask: torch.Tensor  # [B, T] long, 0 on left padding
     position_ids: torch.Tensor  # [B, T] long, 0.. on real positions
     labels: torch.Tensor | None = None  # [B, T] long, target after each position
+    compressed: bool = True  # some position holds a chunk vector (selects the decoder adapter, if any)
 
 
 def segments_layout(
@@ -156,6 +159,9 @@ class RefragModel(nn.Module):
         Components not saved are referenced by their spec in the manifest (e.g. a frozen built-in decoder).
         """
         path = Path(path)
+        if save_decoder and self.has_adapter:
+            raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
+                             "(the manifest references the base decoder by its name or folder).")
         with atomic_dir(path) as tmp:
             components = {"encoder": self.config.encoder, "decoder": self.config.decoder}
             for name, model, tok, keep in (
@@ -166,6 +172,9 @@ class RefragModel(nn.Module):
                     model.save_pretrained(tmp / name, safe_serialization=True)
                     tok.save_pretrained(tmp / name)
                     components[name] = name
+            if self.has_adapter:
+                self.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
+                components[ADAPTER] = ADAPTER
             state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
             save_file(state, str(tmp / "projector.safetensors"))
             write_json_atomic(
@@ -189,7 +198,9 @@ class RefragModel(nn.Module):
         config = RefragConfig(**manifest["config"])
         if dtype is not None:
             config.dtype = dtype  # type: ignore[assignment]
-        for name, spec in manifest["components"].items():
+        adapter = manifest["components"].get(ADAPTER)
+        for name in ("encoder", "decoder"):
+            spec = manifest["components"][name]
             local = path / spec
             setattr(config, name, str(local) if local.is_dir() else spec)
         try:
@@ -209,7 +220,40 @@ class RefragModel(nn.Module):
         except RuntimeError as e:
             raise CheckpointError(f"{path}/projector.safetensors does not match the projector: {e}") from e
         model.projector.to(device=model.decoder.device, dtype=model.decoder.dtype)
+        if adapter is not None:
+            model.attach_adapter(path / adapter)
         return model
+
+    # ---------------------------------------------------------------- decoder adapter (LoRA)
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.decoder, "disable_adapter")  # a peft model
+
+    def add_lora(self, rank: int) -> None:
+        """Wrap the decoder with a fresh LoRA adapter on every linear layer but the LM head (trainable)."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_adapter:
+            raise InputError("the decoder already has an adapter; train it further instead of adding one.")
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+        self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
+
+    def attach_adapter(self, folder: Path) -> None:
+        """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
+        from peft import PeftModel
+
+        try:
+            self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
+        except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
+            raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
+        self.decoder.to(dtype=self.dtype)
+
+    def decoder_scope(self, compressed: bool) -> contextlib.AbstractContextManager:
+        """The adapter belongs to REFRAG inputs: text-only inputs (full context, no context) run the original
+        decoder, so baselines and plain RAG stay exactly the decoder's own."""
+        if self.has_adapter and not compressed:
+            return self.decoder.disable_adapter()
+        return contextlib.nullcontext()
 
     # ---------------------------------------------------------------- encoding
     @property
@@ -287,7 +331,9 @@ class RefragModel(nn.Module):
             )
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         has_labels = any(x.labels is not None for x in layouts)
-        return DecoderInputs(embeds, mask, position_ids, labels.to(self.device) if has_labels else None)
+        return DecoderInputs(
+            embeds, mask, position_ids, labels.to(self.device) if has_labels else None, compressed=bool(vectors)
+        )
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is set (logits only computed there)."""
@@ -301,23 +347,25 @@ class RefragModel(nn.Module):
         if inputs.labels is None:
             raise InputError("forward() needs labels; use decoder_logits() for inference.")
         keep = (inputs.labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
-        out = self.decoder(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            logits_to_keep=keep,
-            use_cache=False,
-        )
+        with self.decoder_scope(inputs.compressed):
+            out = self.decoder(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                logits_to_keep=keep,
+                use_cache=False,
+            )
         return out.logits, inputs.labels[:, keep]
 
     def decoder_logits(self, inputs: DecoderInputs) -> torch.Tensor:
         """Full logits [B, T, V] (for tests and analysis)."""
-        return self.decoder(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-        ).logits
+        with self.decoder_scope(inputs.compressed):
+            return self.decoder(
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                use_cache=False,
+            ).logits
 
 
 def start_token(tokenizer) -> int | None:

@@ -86,3 +86,14 @@ def tiny_refrag(arch: str = "llama", k: int = 4, dtype: torch.dtype = torch.floa
 @pytest.fixture(params=["llama", "qwen2"])
 def model(request) -> RefragModel:
     return tiny_refrag(request.param)
+
+
+def add_random_lora(model: RefragModel, rank: int = 4) -> RefragModel:
+    """Give the decoder a LoRA adapter that changes its outputs (peft initialises lora_B to zero)."""
+    model.add_lora(rank)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model

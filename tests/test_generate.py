@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_refrag
+from conftest import add_random_lora, tiny_refrag
 
 from refrag.chunking import make_passage
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
@@ -170,3 +170,12 @@ def test_separators_only_between_raw_chunks(model):
     assert length(set(range(L))) == base + 4 * L + 2 * sep
     assert length({1, 2}) == base + (L - 2) + 8 + sep  # chunks 1|2 straddle the first boundary
     assert length({2, 3}) == base + (L - 2) + 8  # a whole raw passage between compressed ones: no separator
+
+
+def test_a_decoder_adapter_changes_refrag_answers_only():
+    plain, adapted = tiny_refrag("llama"), add_random_lora(tiny_refrag("llama"))
+    sampling = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    full = [generate(m, [_request(m)], compression=FULL, sampling=sampling)[0].token_ids for m in (plain, adapted)]
+    assert full[0] == full[1]  # plain RAG runs the original decoder
+    refrag = [generate(m, [_request(m)], sampling=sampling)[0].token_ids for m in (plain, adapted)]
+    assert refrag[0] != refrag[1]

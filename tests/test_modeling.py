@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_refrag
+from conftest import add_random_lora, tiny_refrag
 
 from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
@@ -125,3 +125,40 @@ def test_projector_shape_mismatch_is_rejected(tmp_path):
 def test_fp16_config_is_refused():
     with pytest.raises(InputError, match="fp16"):
         RefragConfig(dtype="float16")  # type: ignore[arg-type]
+
+
+def _with_trained_lora(tmp_path) -> RefragModel:
+    """A tiny model whose decoder lives in a folder (so a checkpoint can reference it) + a non-zero adapter."""
+    model = tiny_refrag("llama")
+    model.decoder.save_pretrained(tmp_path / "dec")
+    model.tokenizer.save_pretrained(tmp_path / "dec")
+    model.config.decoder = str(tmp_path / "dec")
+    return add_random_lora(model)
+
+
+def test_lora_adapter_applies_to_compressed_inputs_only(tmp_path):
+    model = _with_trained_lora(tmp_path)
+    plain = tiny_refrag("llama")  # the same decoder weights, no adapter
+    text = model.build_inputs([segments_layout([[2, 5, 6, 7]], 64, torch.float32)])
+    assert not text.compressed
+    torch.testing.assert_close(model.decoder_logits(text), plain.decoder_logits(text))
+    vec = torch.randn(1, 64)
+    mixed = model.build_inputs([segments_layout([[2], vec, [5, 6]], 64, torch.float32)])
+    assert mixed.compressed
+    assert not torch.allclose(model.decoder_logits(mixed), plain.decoder_logits(mixed), atol=1e-3)
+
+
+def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
+    model = _with_trained_lora(tmp_path)
+    with pytest.raises(InputError, match="adapter alone"):
+        model.save(tmp_path / "bad", save_decoder=True)
+    assert not (tmp_path / "bad").exists()
+    path = model.save(tmp_path / "ckpt", save_encoder=True)
+    assert (path / "decoder_adapter" / "adapter_model.safetensors").is_file()
+    loaded = RefragModel.load(path, dtype="float32", progress=False)
+    assert loaded.has_adapter
+    inputs = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])
+    torch.testing.assert_close(loaded.decoder_logits(inputs), model.decoder_logits(inputs))
+    (path / "decoder_adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(CheckpointError, match="adapter"):
+        RefragModel.load(path, progress=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -30,6 +30,10 @@ from refrag.errors import InputError
 from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
 
 log = logging.getLogger(__name__)
+
+# With a decoder adapter, the adapter alone (no context) is scored too: a control that separates what the
+# compressed context brings from what the adapter learnt about text in general.
+ADAPTER_CONTROL = "no_context_adapter"
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ def _prefixes(
     Every method starts with the start token (as training does), so no context ever sits at position 0.
     """
     head = [[start]] if start is not None else []
-    if method == "no_context":
+    if method in ("no_context", ADAPTER_CONTROL):
         return [list(head) for _ in batch]
     if method == "full":
         return [[*head, list(ex.context)] for ex in batch]
@@ -205,9 +209,13 @@ def _prefixes(
     return [[*head, vectors[i * L : (i + 1) * L]] for i in range(len(batch))]
 
 
-def example_nll(model: RefragModel, layouts: Sequence[Layout]) -> list[float]:
-    """Mean NLL over each layout's labelled positions (one batched forward)."""
-    logits, labels = model.label_logits(model.build_inputs(layouts))  # [B, K, V], [B, K]
+def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:
+    """Mean NLL over each layout's labelled positions (one batched forward); ``adapter`` runs the decoder
+    adapter even on text-only layouts."""
+    inputs = model.build_inputs(layouts)
+    if adapter:
+        inputs = replace(inputs, compressed=True)
+    logits, labels = model.label_logits(inputs)  # [B, K, V], [B, K]
     nll = torch.nn.functional.cross_entropy(
         logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )  # [B, K]
@@ -225,7 +233,7 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Log-perplexity of every example's output tokens under every method of ``options``."""
     start = start_token(model.tokenizer)
-    methods = options.method_names()
+    methods = options.method_names() + ([ADAPTER_CONTROL] if model.has_adapter else [])
     result = PerplexityResult(options, {m: [] for m in methods}, list(examples))
     batches = [examples[i : i + options.batch_size] for i in range(0, len(examples), options.batch_size)]
     bar = tqdm(total=len(batches) * len(methods), desc="perplexity", unit="batch", disable=not progress)
@@ -235,7 +243,7 @@ def evaluate_perplexity(
             layouts = [
                 scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)
             ]
-            result.per_example[method].extend(example_nll(model, layouts))
+            result.per_example[method].extend(example_nll(model, layouts, adapter=method == ADAPTER_CONTROL))
             bar.update()
     bar.close()
     return result

@@ -38,11 +38,12 @@ def stage_of(path: str | Path) -> str | None:
 
 
 def save_model(model: RefragModel, path: Path, stage: str, step: int) -> Path:
-    """A refrag checkpoint recording its stage; trained parts are saved, frozen ones referenced by name."""
+    """A refrag checkpoint recording its stage; trained parts are saved, frozen ones referenced by name (a
+    LoRA adapter is saved on its own, the decoder it adapts stays referenced)."""
     model.config.extra = {**model.config.extra, "stage": stage, "steps": str(step)}
     params = dict(model.named_parameters())
     train_enc = any(params[n].requires_grad for n in params if n.startswith("encoder."))
-    train_dec = any(params[n].requires_grad for n in params if n.startswith("decoder."))
+    train_dec = any(params[n].requires_grad for n in params if n.startswith("decoder.") and "lora_" not in n)
     return model.save(path, save_encoder=train_enc, save_decoder=train_dec)
 
 

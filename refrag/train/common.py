@@ -26,7 +26,8 @@ class StageOptions:
     curriculum: bool = True  # Table 8 mixture; False shuffles the same examples (the paper's ablation)
     continuation_tokens: int = 0  # o: tokens to predict after the context (0: reconstruct the context)
     expand_fraction: float = 0.0  # p: chunks left uncompressed at random (mixed-input training: 0.1)
-    train_decoder: Literal["frozen", "full"] = "frozen"
+    train_decoder: Literal["frozen", "full", "lora"] = "frozen"
+    lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
     seed: int = 0
     eval_per_type: int = 8  # held-out examples per number of chunks at each evaluation
 
@@ -35,8 +36,10 @@ class StageOptions:
             raise InputError(f"--max-chunks must be >= 1 (got {self.max_chunks}).")
         if not 0.0 <= self.expand_fraction < 1.0:
             raise InputError(f"--expand-fraction must be in [0, 1) (got {self.expand_fraction}).")
-        if self.train_decoder not in ("frozen", "full"):
-            raise InputError(f"--train-decoder must be frozen or full (got {self.train_decoder!r}).")
+        if self.train_decoder not in ("frozen", "full", "lora"):
+            raise InputError(f"--train-decoder must be frozen, full or lora (got {self.train_decoder!r}).")
+        if self.lora_rank < 1:
+            raise InputError(f"--lora-rank must be >= 1 (got {self.lora_rank}).")
 
 
 def load_for_stage(
@@ -50,14 +53,23 @@ def load_for_stage(
     return RefragModel.from_config(config, progress=progress)
 
 
-def set_trainable(model: RefragModel, *, train_decoder: bool, bf16: bool) -> None:
-    """Encoder + projector always train; a frozen decoder's weights are cast to bf16 under bf16 training (no
-    master copy is needed for weights that never change, and bf16 matmuls are 2-3x faster with AMX)."""
+def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> None:
+    """Encoder + projector always train. The decoder is frozen, fully trained, or adapted with LoRA (added here
+    unless the checkpoint already holds an adapter, which then trains further). Under bf16 training, frozen
+    decoder weights are cast to bf16: no master copy is needed for weights that never change, and bf16 matmuls
+    are 2-3x faster with AMX."""
+    train_decoder = options.train_decoder
+    if model.has_adapter and train_decoder == "full":
+        raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
+    if train_decoder == "lora" and not model.has_adapter:
+        model.add_lora(options.lora_rank)
     model.encoder.requires_grad_(True)
     model.projector.requires_grad_(True)
-    model.decoder.requires_grad_(train_decoder)
-    if not train_decoder and bf16:
-        for p in model.decoder.parameters():  # weights only: buffers (rotary inv_freq) stay fp32 as at inference
+    model.decoder.requires_grad_(train_decoder == "full")
+    for name, p in model.decoder.named_parameters():
+        if train_decoder == "lora" and "lora_" in name:
+            p.requires_grad_(True)
+        elif not p.requires_grad and bf16:  # weights only: buffers (rotary inv_freq) stay fp32 as at inference
             p.data = p.data.to(torch.bfloat16)
 
 

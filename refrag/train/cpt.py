@@ -1,5 +1,6 @@
 """Stage 2, continual pre-training (next-paragraph prediction): the decoder reads [e_1..e_L, x_{s+1}..] and
-predicts x_{s+1..s+o}. Encoder + projector train; the decoder too with --train-decoder full."""
+predicts x_{s+1..s+o}. Encoder + projector train; the decoder too with --train-decoder full, or a LoRA adapter of
+it with --train-decoder lora."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def next_paragraph(
     """CPT and mixed-input training share this; they differ in expand_fraction and their stage name."""
     if options.continuation_tokens < 1:
         raise InputError(f"`{stage}` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
-    set_trainable(model, train_decoder=options.train_decoder == "full", bf16=train_options.bf16)
+    set_trainable(model, options, bf16=train_options.bf16)
     task = stage_task(stage, model, corpus, options, train_options.steps * train_options.batch_size)
     return train(model, task, train_options)
 

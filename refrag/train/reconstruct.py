@@ -14,7 +14,7 @@ def reconstruct(model: RefragModel, corpus: TokenCorpus, options: StageOptions, 
     if options.continuation_tokens or options.expand_fraction or options.train_decoder != "frozen":
         raise InputError("reconstruction keeps the decoder frozen and predicts the context itself: "
                          "drop --continuation-tokens, --expand-fraction and --train-decoder.")
-    set_trainable(model, train_decoder=False, bf16=train_options.bf16)
+    set_trainable(model, options, bf16=train_options.bf16)
     task = stage_task("reconstruct", model, corpus, options, train_options.steps * train_options.batch_size)
     return train(model, task, train_options)
 

@@ -14,7 +14,7 @@ from refrag.eval.perplexity import (
     extract_examples,
 )
 from refrag.modeling import start_token
-from tests.conftest import TEXT, tiny_refrag
+from tests.conftest import TEXT, add_random_lora, tiny_refrag
 
 
 def _hand_nll(model, prefix_ids: list[int], output: list[int], skip_first: bool = False) -> float:
@@ -87,3 +87,15 @@ def test_refrag_is_batch_independent(setup):
 def test_s_must_be_a_multiple_of_k():
     with pytest.raises(InputError, match="multiple"):
         PerplexityOptions(s=20, ks=(16,))
+
+
+def test_adapter_scores_refrag_and_a_control_but_not_the_baselines(setup):
+    model, opts, examples = setup
+    plain = evaluate_perplexity(model, examples, opts, progress=False)
+    adapted = add_random_lora(tiny_refrag("llama", k=4))
+    result = evaluate_perplexity(adapted, examples, opts, progress=False)
+    assert list(result.per_example)[-1] == "no_context_adapter"
+    for method in ("no_context", "full", "truncated"):  # baselines: the original decoder
+        assert result.per_example[method] == pytest.approx(plain.per_example[method], abs=1e-4)
+    assert result.per_example["no_context_adapter"] != pytest.approx(plain.per_example["no_context"], abs=1e-3)
+    assert result.per_example["refrag4"] != pytest.approx(plain.per_example["refrag4"], abs=1e-3)

@@ -104,3 +104,22 @@ def test_two_process_data_parallel_ranks_agree(tmp_path):
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     fresh = torch.cat([p.detach().float().flatten() for p in tiny_refrag("llama", k=4).parameters()])
     assert torch.equal(a, b) and not torch.equal(a, fresh)
+
+
+def test_cpt_with_lora_trains_the_adapter_not_the_decoder(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = StageOptions(max_chunks=4, continuation_tokens=6, train_decoder="lora", lora_rank=4, eval_per_type=2)
+    cpt(model, corpus(model), stage, options(tmp_path, steps=2, eval_every=0, save_every=0))
+    assert model.has_adapter
+    params = dict(model.named_parameters())
+    base = {n: p for n, p in params.items() if n.startswith("decoder.") and "lora_" not in n}
+    assert all(not p.requires_grad for p in base.values())
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in params.items())  # B starts at zero: it trained
+    # the base decoder did not move (peft renames wrapped layers: compare by the original names)
+    originals = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in base.items()}
+    assert all(torch.equal(originals[n].float(), before[n].float()) for n in before if n.startswith("decoder."))
+    final = tmp_path / "final"
+    assert (final / "decoder_adapter").is_dir() and not (final / "decoder").exists()
+    with pytest.raises(InputError, match="--train-decoder lora"):
+        cpt(model, corpus(model), StageOptions(continuation_tokens=6, train_decoder="full"), options(tmp_path / "b"))

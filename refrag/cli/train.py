@@ -79,15 +79,17 @@ def reconstruct_cmd(
     out: Out = Path("runs/reconstruct"), data: Data = [TRAINING_DATA], init: Init = None,  # noqa: B006
     decoder: Decoder = DEFAULTS["decoder"], encoder: Encoder = DEFAULTS["encoder"], k: K = 16,
     steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 8, lr: LR = None,
-    max_chunks: MaxChunks = 8, curriculum: Curriculum = True, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
+    max_chunks: MaxChunks = 8, curriculum: Curriculum = True, train_decoder: TrainDecoder = "frozen",
+    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
-    """Stage 1: decoder frozen; encoder + projector learn to reconstruct each context from its chunk vectors."""
+    """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
+    reconstruct each context from its chunk vectors."""
     _run("reconstruct", data=data, out=out, init=init, decoder=decoder, encoder=encoder, k=k, steps=steps,
          batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks,
-         curriculum=curriculum, continuation_tokens=0, expand_fraction=0.0, train_decoder="frozen",
-         max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
+         curriculum=curriculum, continuation_tokens=0, expand_fraction=0.0, train_decoder=train_decoder,
+         lora_rank=lora_rank, max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
          gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
 
 

@@ -1,5 +1,10 @@
-"""Stage 1, reconstruction: the decoder is frozen; encoder + projector learn chunk vectors from which the
-decoder can read the k tokens back (prefix e_1..e_L, then x_1..x_{s-1} teacher-forced, loss on x_1..x_s)."""
+"""Stage 1, reconstruction: encoder + projector learn chunk vectors from which the decoder can read the k tokens
+back (prefix e_1..e_L, then x_1..x_{s-1} teacher-forced, loss on x_1..x_s).
+
+The paper keeps the decoder frozen (the default). ``train_decoder="lora"`` also trains a LoRA adapter of the
+decoder, which applies to compressed inputs only (text-only inputs run the original decoder): a small decoder
+learns to read chunk vectors far faster with it (docs/training.md). Full decoder training is refused here: it
+would change the decoder every text-only baseline relies on."""
 
 from __future__ import annotations
 
@@ -11,9 +16,9 @@ from refrag.train.loop import TrainOptions, TrainResult, train
 
 
 def reconstruct(model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions) -> TrainResult:
-    if options.continuation_tokens or options.expand_fraction or options.train_decoder != "frozen":
-        raise InputError("reconstruction keeps the decoder frozen and predicts the context itself: "
-                         "drop --continuation-tokens, --expand-fraction and --train-decoder.")
+    if options.continuation_tokens or options.expand_fraction or options.train_decoder == "full":
+        raise InputError("reconstruction keeps the decoder frozen (or adapts it with LoRA) and predicts the context "
+                         "itself: drop --continuation-tokens and --expand-fraction; --train-decoder is frozen or lora.")
     set_trainable(model, options, bf16=train_options.bf16)
     task = stage_task("reconstruct", model, corpus, options, train_options.steps * train_options.batch_size)
     return train(model, task, train_options)

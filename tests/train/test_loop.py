@@ -71,6 +71,8 @@ def test_cpt_and_mixed_validate_their_options(tmp_path):
         mixed(model, corpus(model), StageOptions(continuation_tokens=8), options(tmp_path))
     with pytest.raises(InputError, match="decoder frozen"):
         reconstruct(model, corpus(model), StageOptions(continuation_tokens=8), options(tmp_path))
+    with pytest.raises(InputError, match="frozen or lora"):  # full training would change the text-only decoder
+        reconstruct(model, corpus(model), StageOptions(train_decoder="full"), options(tmp_path))
 
 
 def test_mixed_trains_with_expanded_chunks(tmp_path):
@@ -106,11 +108,13 @@ def test_two_process_data_parallel_ranks_agree(tmp_path):
     assert torch.equal(a, b) and not torch.equal(a, fresh)
 
 
-def test_cpt_with_lora_trains_the_adapter_not_the_decoder(tmp_path):
+@pytest.mark.parametrize("recipe, continuation", [(reconstruct, 0), (cpt, 6)])
+def test_lora_trains_the_adapter_not_the_decoder(tmp_path, recipe, continuation):
     model = tiny_refrag("llama", k=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stage = StageOptions(max_chunks=4, continuation_tokens=6, train_decoder="lora", lora_rank=4, eval_per_type=2)
-    cpt(model, corpus(model), stage, options(tmp_path, steps=2, eval_every=0, save_every=0))
+    stage = StageOptions(max_chunks=4, continuation_tokens=continuation, train_decoder="lora", lora_rank=4,
+                         eval_per_type=2)
+    recipe(model, corpus(model), stage, options(tmp_path, steps=2, eval_every=0, save_every=0))
     assert model.has_adapter
     params = dict(model.named_parameters())
     base = {n: p for n, p in params.items() if n.startswith("decoder.") and "lora_" not in n}

@@ -24,7 +24,7 @@ from refrag.errors import InputError
 from refrag.modeling import RefragModel
 from refrag.train.checkpoint import FINAL, TrainerState, load_checkpoint, save_checkpoint, save_model
 from refrag.train.loggers import MetricLogger, make_loggers
-from refrag.train.objectives import Score, StageTask, example_layouts, score_examples
+from refrag.train.objectives import Example, Score, StageTask, example_layouts, score_examples
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,13 @@ def lr_factor(step: int, options: TrainOptions) -> float:
         return (step + 1) / warm
     progress = (step - warm) / max(1, options.steps - warm)
     return options.min_lr_ratio + (1 - options.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:
+    """Split one step's examples into micro-batches of similar length (a batch is padded to its longest
+    example, so a curriculum batch mixing 1- and 32-chunk contexts would mostly compute padding)."""
+    ordered = sorted(examples, key=lambda ex: len(ex.context) + len(ex.target))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -124,8 +131,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
             group["lr"] = options.lr * lr_factor(step, options)
         mine = task.examples(step, options.batch_size)[rank::world]  # this rank's share of the batch
         loss_sum, tokens = 0.0, 0
-        for start in range(0, len(mine), options.micro_batch_size):
-            micro = mine[start : start + options.micro_batch_size]
+        for micro in micro_batches(mine, options.micro_batch_size):
             with _autocast(options.bf16):
                 loss = model(model.build_inputs(example_layouts(model, micro)))
             (loss * len(micro) / len(mine)).backward()

@@ -14,8 +14,9 @@ from refrag.modeling import RefragModel
 from refrag.train.common import StageOptions
 from refrag.train.cpt import cpt
 from refrag.train.data import TokenCorpus
-from refrag.train.loop import TrainOptions, lr_factor
+from refrag.train.loop import TrainOptions, lr_factor, micro_batches
 from refrag.train.mixed import mixed
+from refrag.train.objectives import Example
 from refrag.train.reconstruct import reconstruct
 
 STAGE = StageOptions(max_chunks=4, eval_per_type=2)
@@ -127,3 +128,10 @@ def test_lora_trains_the_adapter_not_the_decoder(tmp_path, recipe, continuation)
     assert (final / "decoder_adapter").is_dir() and not (final / "decoder").exists()
     with pytest.raises(InputError, match="--train-decoder lora"):
         cpt(model, corpus(model), StageOptions(continuation_tokens=6, train_decoder="full"), options(tmp_path / "b"))
+
+
+def test_micro_batches_group_similar_lengths_and_keep_every_example():
+    examples = [Example(context=tuple(range(n * 4)), continuation=()) for n in (8, 1, 4, 1, 8, 2)]
+    groups = micro_batches(examples, 2)
+    assert [[len(ex.context) for ex in g] for g in groups] == [[4, 4], [8, 16], [32, 32]]
+    assert sorted(map(id, itertools.chain(*groups))) == sorted(map(id, examples))

@@ -163,6 +163,7 @@ class RefragModel(nn.Module):
             raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
                              "(the manifest references the base decoder by its name or folder).")
         with atomic_dir(path) as tmp:
+            config = asdict(self.config)
             components = {"encoder": self.config.encoder, "decoder": self.config.decoder}
             for name, model, tok, keep in (
                 ("encoder", self.encoder, self.encoder_tokenizer, save_encoder),
@@ -171,7 +172,7 @@ class RefragModel(nn.Module):
                 if keep:
                     model.save_pretrained(tmp / name, safe_serialization=True)
                     tok.save_pretrained(tmp / name)
-                    components[name] = name
+                    components[name] = config[name] = name  # inside the checkpoint, not where it was loaded from
             if self.has_adapter:
                 self.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
                 components[ADAPTER] = ADAPTER
@@ -182,7 +183,7 @@ class RefragModel(nn.Module):
                 {
                     "format": FORMAT,
                     "version": FORMAT_VERSION,
-                    "config": asdict(self.config),
+                    "config": config,
                     "components": components,
                     "encoder_hidden": self.encoder.config.hidden_size,
                     "decoder_hidden": self.decoder.config.hidden_size,

@@ -1,5 +1,6 @@
-"""How well chunk vectors let the frozen decoder read the context back: token accuracy and log-perplexity of
-reconstructing n x k held-out tokens from n chunk vectors (teacher-forced, as in stage 1), for n = 1, 2, 4..."""
+"""How well chunk vectors let the decoder (with its LoRA adapter, when the checkpoint has one) read the context
+back: token accuracy and log-perplexity of reconstructing n x k held-out tokens from n chunk vectors
+(teacher-forced, as in stage 1), for n = 1, 2, 4..."""
 
 from __future__ import annotations
 

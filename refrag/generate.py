@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from transformers import PreTrainedModel
 
 from refrag.chunking import Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
@@ -227,12 +228,13 @@ def generate(
     # mask): measured full context 4.6 -> 8.6 s at s = 4096 and no gain for REFRAG (docs/bench/ttft.md).
     inputs = model.build_inputs(layouts)  # [B, T, D], left-padded
 
-    with model.decoder_scope(inputs.compressed):
-        return _decode(model, requests, layouts, expanded_sets, inputs, sampling, on_text, t0, encode_s)
+    with model.decoder_for(inputs.compressed) as decoder:
+        return _decode(model, decoder, requests, layouts, expanded_sets, inputs, sampling, on_text, t0, encode_s)
 
 
 def _decode(
     model: RefragModel,
+    decoder: PreTrainedModel,
     requests: Sequence[Request],
     layouts: list[Layout],
     expanded_sets: list[set[int]],
@@ -247,7 +249,7 @@ def _decode(
     # prefill (logits for the last position only) and the first token
     t_pre = time.perf_counter()
     mask, positions = inputs.attention_mask, inputs.position_ids
-    out = model.decoder(
+    out = decoder(
         inputs_embeds=inputs.inputs_embeds,
         attention_mask=None if bool(mask.all()) else mask,  # no padding: the causal kernel
         position_ids=positions,
@@ -276,7 +278,7 @@ def _decode(
             break
         positions = positions + 1
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        out = model.decoder(
+        out = decoder(
             input_ids=next_ids.reshape(B, 1),
             attention_mask=mask,
             position_ids=positions,

@@ -31,7 +31,9 @@ def load_model(
     if checkpoint is None and is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
         checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
-        return RefragModel.load(checkpoint, dtype=dtype, progress=progress)
+        model = RefragModel.load(checkpoint, dtype=dtype, progress=progress)
+        model.merge_adapter()  # inference: a merged copy for compressed inputs (no-op without an adapter)
+        return model
     model = RefragModel.from_config(
         RefragConfig(decoder=decoder, encoder=encoder, k=k, dtype=dtype), progress=progress  # type: ignore[arg-type]
     )

@@ -179,3 +179,6 @@ def test_a_decoder_adapter_changes_refrag_answers_only():
     assert full[0] == full[1]  # plain RAG runs the original decoder
     refrag = [generate(m, [_request(m)], sampling=sampling)[0].token_ids for m in (plain, adapted)]
     assert refrag[0] != refrag[1]
+    adapted.merge_adapter()  # the merged copy answers as the unmerged adapter did
+    assert generate(adapted, [_request(adapted)], sampling=sampling)[0].token_ids == refrag[1]
+    assert generate(adapted, [_request(adapted)], compression=FULL, sampling=sampling)[0].token_ids == full[0]

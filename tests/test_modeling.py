@@ -148,6 +148,19 @@ def test_lora_adapter_applies_to_compressed_inputs_only(tmp_path):
     assert not torch.allclose(model.decoder_logits(mixed), plain.decoder_logits(mixed), atol=1e-3)
 
 
+def test_merged_adapter_gives_the_adapter_logits_and_leaves_text_inputs_alone(tmp_path):
+    model = _with_trained_lora(tmp_path)
+    text = model.build_inputs([segments_layout([[2, 5, 6, 7]], 64, torch.float32)])
+    mixed = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])
+    before = model.decoder_logits(text), model.decoder_logits(mixed)
+    model.merge_adapter()
+    assert model.merged_decoder is not None and not hasattr(model.merged_decoder, "disable_adapter")
+    torch.testing.assert_close(model.decoder_logits(mixed), before[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.decoder_logits(text), before[0])  # still the original decoder
+    with model.decoder_for(compressed=True) as decoder:
+        assert decoder is model.merged_decoder
+
+
 def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
     model = _with_trained_lora(tmp_path)
     with pytest.raises(InputError, match="adapter alone"):

@@ -22,8 +22,12 @@ def load_model(
     k: int = 16,
     dtype: str = "bfloat16",
     progress: bool = True,
+    merge: bool = True,
 ) -> RefragModel:
     """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
+
+    ``merge`` keeps a merged copy of an adapted decoder for compressed inputs (faster decoding, one more
+    decoder's memory, ~1 s); commands that only encode chunks (index build/add/bench) pass False.
 
     A fresh projector is untrained: compressed chunks are then noise to the decoder (full mode is unaffected).
     """
@@ -32,7 +36,8 @@ def load_model(
         checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
         model = RefragModel.load(checkpoint, dtype=dtype, progress=progress)
-        model.merge_adapter()  # inference: a merged copy for compressed inputs (no-op without an adapter)
+        if merge:
+            model.merge_adapter()  # a no-op without an adapter
         return model
     model = RefragModel.from_config(
         RefragConfig(decoder=decoder, encoder=encoder, k=k, dtype=dtype), progress=progress  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from conftest import add_random_lora, tiny_refrag
 
 from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
+from refrag.loading import load_model
 from refrag.modeling import IGNORE_INDEX, Layout, Projector, RefragModel, embedding_rms, segments_layout
 
 
@@ -175,3 +176,10 @@ def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
     (path / "decoder_adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="adapter"):
         RefragModel.load(path, progress=False)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_load_model_merges_the_adapter_only_when_asked(tmp_path, merge):
+    path = _with_trained_lora(tmp_path).save(tmp_path / "ckpt", save_encoder=True)
+    loaded = load_model(path, dtype="float32", progress=False, merge=merge)
+    assert loaded.has_adapter and (loaded.merged_decoder is not None) == merge

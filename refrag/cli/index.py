@@ -28,7 +28,7 @@ StoreKind = Annotated[str, typer.Option(help="faiss index: flat (exact), hnsw or
 PassageTokens = Annotated[int, typer.Option(help="max decoder tokens per passage")]
 
 
-def _model(index, checkpoint, decoder, encoder, k, dtype, progress):
+def _model(index, checkpoint, decoder, encoder, k, dtype, progress, merge=True):
     """The model for an index: --model, else the checkpoint whose encoder built it, else the recorded parts."""
     from refrag.loading import load_model
     from refrag.modeling import MANIFEST
@@ -38,7 +38,8 @@ def _model(index, checkpoint, decoder, encoder, k, dtype, progress):
     if checkpoint is None and decoder is encoder is k is None and (built_from / MANIFEST).exists():
         checkpoint = built_from
     return load_model(checkpoint, decoder=decoder or index.manifest.get("decoder", DEFAULT_DECODER),
-                      encoder=encoder or key["chunk_encoder"], k=k or key["k"], dtype=dtype, progress=progress)
+                      encoder=encoder or key["chunk_encoder"], k=k or key["k"], dtype=dtype, progress=progress,
+                      merge=merge)
 
 
 def _print_stats(stats, path: Path, json_out: bool) -> None:
@@ -71,7 +72,8 @@ def build_cmd(
     from refrag.loading import load_model
 
     options = IndexOptions(passage_tokens, retrieval_encoder, StoreOptions(backend=store, kind=store_kind))  # type: ignore[arg-type]
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
+    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype,
+                   progress=not json_out, merge=False)
     index = Index.build(sources, out, m, options, progress=not json_out)
     _print_stats(index.stats, out, json_out)
 
@@ -92,7 +94,7 @@ def add_cmd(
     from refrag.index import Index
 
     index = Index.open(index_path)
-    m = _model(index, model, decoder, encoder, k, dtype, not json_out)
+    m = _model(index, model, decoder, encoder, k, dtype, not json_out, merge=False)
     _print_stats(index.add(sources, m, progress=not json_out), index_path, json_out)
 
 
@@ -204,7 +206,8 @@ def bench_index_cmd(
     if not corpus:
         wiki = cache_root() / "data" / "wiki_vital_summaries_en.jsonl"
         corpus = [wiki if wiki.exists() else wiki_corpus(wiki)]
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
+    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype,
+                   progress=not json_out, merge=False)
     options = IndexOptions(store=StoreOptions(kind=store_kind))  # type: ignore[arg-type]
     report = report_json(bench_index(corpus, out, m, options, reuse=reuse, progress=not json_out))
     if recall is not None:

@@ -177,6 +177,7 @@ class RefragModel(nn.Module):
                     components[name] = config[name] = name  # inside the checkpoint, not where it was loaded from
             if self.has_adapter:
                 self.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
+                (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
                 components[ADAPTER] = ADAPTER
             state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
             save_file(state, str(tmp / "projector.safetensors"))

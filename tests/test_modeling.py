@@ -169,6 +169,7 @@ def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
     assert not (tmp_path / "bad").exists()
     path = model.save(tmp_path / "ckpt", save_encoder=True)
     assert (path / "decoder_adapter" / "adapter_model.safetensors").is_file()
+    assert not (path / "decoder_adapter" / "README.md").exists()
     loaded = RefragModel.load(path, dtype="float32", progress=False)
     assert loaded.has_adapter
     inputs = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])

@@ -48,6 +48,7 @@ def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: s
          lora_rank: int = 8,
          eval_every: int, save_every: int, resume: bool, gradient_checkpointing: bool, bf16: bool,
          stop_after: int | None = None) -> None:
+    """One stage from the CLI: each command passes its own options (``**locals()``) plus the ones it fixes."""
     setup_torch()
 
     from refrag.train.common import StageOptions, load_for_stage
@@ -86,11 +87,7 @@ def reconstruct_cmd(
 ) -> None:
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
     reconstruct each context from its chunk vectors."""
-    _run("reconstruct", data=data, out=out, init=init, decoder=decoder, encoder=encoder, k=k, steps=steps,
-         batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks,
-         curriculum=curriculum, continuation_tokens=0, expand_fraction=0.0, train_decoder=train_decoder,
-         lora_rank=lora_rank, max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
+    _run("reconstruct", **locals(), continuation_tokens=0, expand_fraction=0.0)
 
 
 @app.command("cpt")
@@ -104,11 +101,7 @@ def cpt_cmd(
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
-    _run("cpt", data=data, out=out, init=init, decoder="", encoder="", k=0, steps=steps, batch_size=batch_size,
-         micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks, curriculum=curriculum,
-         continuation_tokens=continuation_tokens, expand_fraction=0.0, train_decoder=train_decoder,
-         lora_rank=lora_rank, max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
+    _run("cpt", **locals(), decoder="", encoder="", k=0, expand_fraction=0.0)
 
 
 @app.command("mixed")
@@ -122,11 +115,7 @@ def mixed_cmd(
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
-    _run("mixed", data=data, out=out, init=init, decoder="", encoder="", k=0, steps=steps, batch_size=batch_size,
-         micro_batch_size=micro_batch_size, lr=lr, max_chunks=max_chunks, curriculum=False,
-         continuation_tokens=continuation_tokens, expand_fraction=expand_fraction, train_decoder=train_decoder,
-         lora_rank=lora_rank, max_tokens=max_tokens, seed=seed, eval_every=eval_every, save_every=save_every, resume=resume,
-         gradient_checkpointing=gradient_checkpointing, bf16=bf16, stop_after=stop_after)
+    _run("mixed", **locals(), decoder="", encoder="", k=0, curriculum=False)
 
 
 HELD_OUT = "../shared/data/wiki_paragraph_segmentation_en.txt"

@@ -57,10 +57,14 @@ class Example:
 
 
 def choose_random_expanded(num_chunks: int, fraction: float, rng: np.random.Generator) -> tuple[int, ...]:
-    """Each chunk independently left uncompressed with probability ``fraction``."""
+    """Each chunk independently left uncompressed with probability ``fraction``, but never all of them: an
+    all-text example has nothing compressed to learn from (and no gradient when the decoder is frozen)."""
     if fraction <= 0:
         return ()
-    return tuple(int(i) for i in np.nonzero(rng.random(num_chunks) < fraction)[0])
+    chosen = np.nonzero(rng.random(num_chunks) < fraction)[0]
+    if len(chosen) == num_chunks:
+        chosen = np.delete(chosen, rng.integers(num_chunks))
+    return tuple(int(i) for i in chosen)
 
 
 def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:

@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_refrag
 
 from refrag.errors import CheckpointError
 from refrag.modeling import IGNORE_INDEX, start_token
-from refrag.train.objectives import Example, check_stage_order, example_layouts
+from refrag.train.objectives import Example, check_stage_order, choose_random_expanded, example_layouts
 
 
 def test_reconstruction_layout_prefix_then_teacher_forced_tokens():
@@ -52,3 +53,13 @@ def test_stage_order(stage, init, ok):
     else:
         with pytest.raises(CheckpointError, match="reconstruct -> cpt -> mixed"):
             check_stage_order(stage, init)
+
+
+def test_random_expansion_never_leaves_an_example_without_a_compressed_chunk():
+    rng = np.random.default_rng(0)
+    assert all(choose_random_expanded(1, 0.999, rng) == () for _ in range(20))
+    picks = [choose_random_expanded(3, 0.999, rng) for _ in range(20)]
+    assert all(len(p) == 2 and set(p) <= {0, 1, 2} for p in picks) and len(set(picks)) > 1
+    rates = np.mean([len(choose_random_expanded(8, 0.1, rng)) for _ in range(2000)]) / 8
+    assert rates == pytest.approx(0.1, abs=0.02)
+    assert choose_random_expanded(8, 0.0, rng) == ()

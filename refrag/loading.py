@@ -11,7 +11,7 @@ from refrag.modeling import MANIFEST, RefragModel
 log = logging.getLogger(__name__)
 
 # The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "smollm2-135m-minilm-k16"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
 
 
 def load_model(

@@ -155,9 +155,9 @@ def eval_reconstruction_cmd(
 @app.command("export")
 def export_cmd(
     source: Annotated[Path, typer.Argument(help="a trained checkpoint (e.g. runs/reconstruct/final)")],
-    target: Annotated[Path, typer.Argument(help="where to write the bf16 copy (e.g. checkpoints/NAME)")],
+    target: Annotated[Path, typer.Argument(help="where to write the bf16 copy (e.g. refrag/checkpoints/NAME)")],
 ) -> None:
-    """Write a compact bf16 copy of a trained checkpoint (what ships under checkpoints/)."""
+    """Write a compact bf16 copy of a trained checkpoint (what ships under refrag/checkpoints/)."""
     setup_torch()
     from refrag.train.checkpoint import export_model
 

@@ -1,4 +1,5 @@
-"""Metric loggers behind one tiny Protocol: CSV (always), TensorBoard and MLflow when installed."""
+"""Metric loggers behind one tiny Protocol: CSV and TensorBoard (always; TensorBoard is a dependency, but a
+stripped install without it falls back to CSV), MLflow when installed."""
 
 from __future__ import annotations
 

@@ -29,6 +29,9 @@ def perplexity_cmd(
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(help="examples per forward")] = 4,
     text_field: Annotated[str, typer.Option(help="text field of jsonl / HF records")] = "text",
+    expand: Annotated[float, typer.Option(help="also score REFRAG_k with this fraction of chunks as raw tokens "
+                                               "(and truncated at its positions)")] = 0.0,
+    expand_strategy: Annotated[str, typer.Option(help="which chunks stay raw: last or random")] = "last",
     out: Out = None,
     model: Checkpoint = None,
     decoder: Decoder = DEFAULTS["decoder"],
@@ -46,7 +49,8 @@ def perplexity_cmd(
     from refrag.train.data import iter_documents
 
     ks = tuple(k or [16])
-    options = PerplexityOptions(s=s, o=o, ks=ks, limit=limit, seed=seed, batch_size=batch_size)
+    options = PerplexityOptions(s=s, o=o, ks=ks, limit=limit, seed=seed, batch_size=batch_size, expand=expand,
+                                expand_strategy=expand_strategy)  # type: ignore[arg-type]
     m = load_model(model, decoder=decoder, encoder=encoder, k=ks[0], dtype=dtype, progress=not json_out)
     docs = itertools.chain.from_iterable(iter_documents(src, text_field) for src in data)
     examples = extract_examples(docs, m.tokenizer, s, o, limit, seed)
@@ -62,7 +66,7 @@ def perplexity_cmd(
     rec = result.recovered
     for name, value in result.log_ppl.items():
         extra = f"  recovered {rec[name]:+.3f}" if name in rec else ""
-        typer.echo(f"  {name:<14} {value:.4f}{extra}")
+        typer.echo(f"  {name:<18} {value:.4f}{extra}")
 
 
 @app.command("qa")

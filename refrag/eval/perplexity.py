@@ -7,7 +7,11 @@ precedes the output tokens:
 - ``full``: the s context tokens;
 - ``truncated``: the last K = s / k context tokens (K = the decoder positions REFRAG_k uses; for a second k
   the method is named ``truncated{K}``);
-- ``refrag{k}``: the s / k chunk embeddings of the context (``model.embed_chunks``), as in training.
+- ``refrag{k}``: the s / k chunk embeddings of the context (``model.embed_chunks``), as in training;
+- ``refrag{k}+{strategy}{P}`` (with ``expand`` > 0): the same with P% of the chunks as raw tokens in place
+  (what mixed-input training teaches), chosen by ``strategy``: ``last`` (the chunks nearest the output) or
+  ``random`` (seeded per example, the paper's RAND baseline). Its equal-positions baseline ``truncated{K}``
+  (K = its decoder positions) is added too.
 
 Log-ppl is the mean NLL (nats) of the SAME o output tokens for every method: the first output token is
 predicted from the last preceding position. If the tokenizer has neither BOS nor EOS, no_context cannot
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -46,10 +52,15 @@ class PerplexityOptions:
     limit: int = 200  # examples (at most one per document)
     seed: int = 0  # document order and window offsets
     batch_size: int = 4  # examples per decoder forward
+    expand: float = 0.0  # p > 0 adds refrag{k}+{strategy}{P}: a fraction p of chunks kept as raw tokens
+    expand_strategy: Literal["last", "random"] = "last"
 
     def __post_init__(self) -> None:
         if self.s <= 0 or self.o < 2:
             raise InputError(f"need s > 0 and o >= 2 (got s={self.s}, o={self.o}).")
+        if not 0.0 <= self.expand < 1.0 or self.expand_strategy not in ("last", "random"):
+            raise InputError(f"--expand must be in [0, 1) and --expand-strategy last or random "
+                             f"(got {self.expand}, {self.expand_strategy!r}).")
         if not self.ks:
             raise InputError("give at least one compression rate (--k 16).")
         for k in self.ks:
@@ -64,7 +75,14 @@ class PerplexityOptions:
         for i, k in enumerate(self.ks):
             names.append("truncated" if i == 0 else f"truncated{self.s // k}")
         names += [f"refrag{k}" for k in self.ks]
-        return names
+        for k in self.ks if self.expand else ():
+            L, n = self.s // k, self.expanded_chunks(k)
+            names += [f"refrag{k}+{self.expand_strategy}{round(100 * self.expand)}", f"truncated{L - n + n * k}"]
+        return list(dict.fromkeys(names))
+
+    def expanded_chunks(self, k: int) -> int:
+        """How many of the s / k chunks stay raw tokens (at least one when expand > 0)."""
+        return max(1, round(self.expand * self.s / k)) if self.expand else 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,7 @@ class PerplexityResult:
             "n": self.n,
             "ks": list(o.ks),
             "seed": o.seed,
+            **({"expand": o.expand, "expand_strategy": o.expand_strategy} if o.expand else {}),
             "log_ppl": self.log_ppl,
             "recovered": self.recovered,
         }
@@ -202,11 +221,24 @@ def _prefixes(
     if method.startswith("truncated"):
         K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated") :])
         return [[*head, list(ex.context[-K:])] for ex in batch]
-    k = int(method[len("refrag") :])
-    chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
-    vectors = model.embed_chunks([c.text for cs in chunks for c in cs])  # [B * L, D]
+    match = re.fullmatch(r"refrag(\d+)(?:\+(last|random)\d+)?", method)
+    assert match, method
+    k, strategy = int(match[1]), match[2]
     L = options.s // k
-    return [[*head, vectors[i * L : (i + 1) * L]] for i in range(len(batch))]
+    n = options.expanded_chunks(k) if strategy else 0
+    raw = [_expanded(L, n, strategy, options.seed, ex.doc) for ex in batch]
+    chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
+    texts = [c.text for cs, r in zip(chunks, raw) for j, c in enumerate(cs) if j not in r]
+    vectors = iter(model.embed_chunks(texts).split(1)) if texts else iter(())  # [1, D] each, in order
+    return [[*head, *(list(c.token_ids) if j in r else next(vectors) for j, c in enumerate(cs))]
+            for cs, r in zip(chunks, raw)]
+
+
+def _expanded(num_chunks: int, n: int, strategy: str | None, seed: int, doc: int) -> set[int]:
+    """The chunks of one example kept as raw tokens: the last n, or n at random (seeded by seed and document)."""
+    if strategy == "last":
+        return set(range(num_chunks - n, num_chunks))
+    return set(random.Random(seed * 1_000_003 + doc).sample(range(num_chunks), n)) if n else set()
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:

@@ -10,6 +10,8 @@ import torch
 from refrag.errors import InputError
 from refrag.eval.perplexity import (
     PerplexityOptions,
+    _expanded,
+    _prefixes,
     evaluate_perplexity,
     extract_examples,
 )
@@ -99,3 +101,25 @@ def test_adapter_scores_refrag_and_a_control_but_not_the_baselines(setup):
         assert result.per_example[method] == pytest.approx(plain.per_example[method], abs=1e-4)
     assert result.per_example["no_context_adapter"] != pytest.approx(plain.per_example["no_context"], abs=1e-3)
     assert result.per_example["refrag4"] != pytest.approx(plain.per_example["refrag4"], abs=1e-3)
+
+
+def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_positions_baseline(setup):
+    model, _, examples = setup
+    opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, seed=1, batch_size=2, expand=0.25)
+    assert opts.method_names() == ["no_context", "full", "truncated", "refrag4", "refrag4+last25", "truncated7"]
+    start = start_token(model.tokenizer)
+    (prefix,) = _prefixes(model, examples[:1], "refrag4+last25", opts, start)
+    assert prefix[0] == [start] and [tuple(t.shape) for t in prefix[1:4]] == [(1, 64)] * 3
+    assert prefix[4] == list(examples[0].context[-4:])  # the chunk nearest the output, in place, as tokens
+    (plain,) = _prefixes(model, examples[:1], "refrag4", opts, start)
+    torch.testing.assert_close(torch.cat(plain[1:4]), torch.cat(prefix[1:4]))  # same vectors for the others
+    result = evaluate_perplexity(model, examples, opts, progress=False)
+    assert set(result.per_example) == set(opts.method_names()) and result.summary()["expand"] == 0.25
+
+
+def test_random_expansion_is_seeded_per_example():
+    picks = {d: _expanded(32, 4, "random", 0, d) for d in range(5)}
+    assert all(len(p) == 4 and p <= set(range(32)) for p in picks.values()) and len(set(map(frozenset, picks.values()))) > 1
+    assert _expanded(32, 4, "random", 0, 3) == picks[3] and _expanded(32, 4, "last", 0, 0) == {28, 29, 30, 31}
+    with pytest.raises(InputError, match="expand"):
+        PerplexityOptions(expand=1.0)

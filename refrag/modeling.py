@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,15 @@ ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when C
 FORMAT = "refrag-checkpoint"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning on every
+    adapter load that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 class Projector(nn.Module):
@@ -240,14 +250,16 @@ class RefragModel(nn.Module):
         if self.has_adapter:
             raise InputError("the decoder already has an adapter; train it further instead of adding one.")
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
-        self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
+        with _quiet_peft():
+            self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
 
     def attach_adapter(self, folder: Path) -> None:
         """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
         from peft import PeftModel
 
         try:
-            self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
+            with _quiet_peft():
+                self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
         except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
             raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
         self.decoder.to(dtype=self.dtype)

@@ -25,7 +25,7 @@ def ttft_cmd(
     repeats: Annotated[int, typer.Option(help="timed runs per path and length (median)")] = 3,
     batch: Annotated[int, typer.Option(help="batch size for the throughput row (0: skip)")] = 8,
     throughput_s: Annotated[int, typer.Option(help="context length for the throughput row")] = 2048,
-    plot: Annotated[Path, typer.Option(help="PNG plot of TTFT vs context length")] = Path("bench_ttft.png"),
+    plot: Annotated[Path | None, typer.Option(help="also write a PNG plot of TTFT vs context length here")] = None,
     json_out: Json = False,
 ) -> None:
     """TTFT of full context vs REFRAG (cached and uncached chunk vectors), TTIT, throughput, KV bytes."""
@@ -37,7 +37,8 @@ def ttft_cmd(
     m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
     report = bench_ttft(m, sizes, repeats=repeats, throughput_batch=batch, throughput_s=throughput_s,
                         progress=not json_out)
-    plot_ttft(report, plot)
+    if plot is not None:
+        plot_ttft(report, plot)
     if json_out:
         print_json(report.to_json())
         return
@@ -57,4 +58,5 @@ def ttft_cmd(
         t = report.throughput
         console.print(f"throughput, batch {t.batch} x {t.s} tokens: full {t.tokens_per_s_full:.1f} tok/s, "
                       f"refrag {t.tokens_per_s_refrag:.1f} tok/s ({t.ratio:.1f}x)")
-    console.print(f"plot: {plot}")
+    if plot is not None:
+        console.print(f"plot: {plot}")

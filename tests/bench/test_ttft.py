@@ -1,6 +1,10 @@
+import json
+
 from conftest import tiny_refrag
+from typer.testing import CliRunner
 
 from refrag.bench.ttft import bench_ttft, context_request, plot_ttft
+from refrag.cli import app
 
 
 def test_context_request_has_exact_length():
@@ -26,3 +30,15 @@ def test_bench_rows_and_plot(tmp_path):
                                     "ratio_uncached"}
     png = plot_ttft(report, tmp_path / "ttft.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_writes_a_plot_only_when_asked(tmp_path, monkeypatch):
+    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "tiny", save_decoder=True)
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "ttft", "--model", str(ckpt), "--dtype", "float32", "--lengths", "32", "--repeats", "1",
+            "--batch", "0", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["s"] == 32 and not list(tmp_path.glob("*.png"))
+    result = CliRunner().invoke(app, [*args, "--plot", "out.png"])
+    assert result.exit_code == 0 and (tmp_path / "out.png").is_file()

@@ -12,7 +12,7 @@ from refrag.errors import InputError
 
 Mode = Literal["full", "refrag"]
 Pooling = Literal["mean", "cls"]
-ExpandStrategy = Literal["similarity", "random", "first"]
+ExpandStrategy = Literal["similarity", "random", "first", "last"]
 
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -48,9 +48,9 @@ class CompressionOptions:
             raise InputError(f"mode must be 'full' or 'refrag' (got {self.mode!r}).")
         if not 0.0 <= self.expand_fraction <= 1.0:
             raise InputError(f"expand_fraction must be in [0, 1] (got {self.expand_fraction!r}).")
-        if self.expand_strategy not in ("similarity", "random", "first"):
+        if self.expand_strategy not in ("similarity", "random", "first", "last"):
             raise InputError(
-                f"expand_strategy must be similarity, random or first (got {self.expand_strategy!r})."
+                f"expand_strategy must be similarity, random, first or last (got {self.expand_strategy!r})."
             )
 
 

@@ -82,7 +82,7 @@ def choose_expanded(
     """Indices of chunks to keep as raw tokens: all in full mode, round(p * L) of them in refrag mode.
 
     Strategies without a learned policy: ``similarity`` (cosine between the question's and the chunks'
-    encoder vectors, highest first), ``random`` (seeded), ``first``.
+    encoder vectors, highest first), ``random`` (seeded), ``first``, ``last``.
     """
     if options.mode == "full":
         return set(range(num_chunks))
@@ -91,6 +91,8 @@ def choose_expanded(
         return set()
     if options.expand_strategy == "first":
         return set(range(n))
+    if options.expand_strategy == "last":
+        return set(range(num_chunks - n, num_chunks))
     if options.expand_strategy == "random":
         return set(random.Random(options.seed).sample(range(num_chunks), n))
     if chunk_encodings is None or question_encoding is None:

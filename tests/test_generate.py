@@ -94,6 +94,7 @@ def test_expansion_choices():
     assert choose_expanded(4, full) == {0, 1, 2, 3}
     assert choose_expanded(4, CompressionOptions()) == set()
     assert choose_expanded(4, CompressionOptions(expand_fraction=0.5, expand_strategy="first")) == {0, 1}
+    assert choose_expanded(4, CompressionOptions(expand_fraction=0.5, expand_strategy="last")) == {2, 3}
     sim = CompressionOptions(expand_fraction=0.25)
     assert choose_expanded(4, sim, chunk_encodings=enc, question_encoding=enc[2]) == {2}
     rnd = CompressionOptions(expand_fraction=0.5, expand_strategy="random", seed=1)

@@ -32,8 +32,10 @@ import torch
 from tqdm import tqdm
 
 from refrag.chunking import chunk_token_ids
+from refrag.config import CompressionOptions
 from refrag.errors import InputError
 from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
+from refrag.prompting import choose_expanded
 
 log = logging.getLogger(__name__)
 
@@ -235,10 +237,13 @@ def _prefixes(
 
 
 def _expanded(num_chunks: int, n: int, strategy: str | None, seed: int, doc: int) -> set[int]:
-    """The chunks of one example kept as raw tokens: the last n, or n at random (seeded by seed and document)."""
-    if strategy == "last":
-        return set(range(num_chunks - n, num_chunks))
-    return set(random.Random(seed * 1_000_003 + doc).sample(range(num_chunks), n)) if n else set()
+    """The n chunks of one example kept as raw tokens: ``choose_expanded`` (what generation uses), with the
+    random strategy seeded by (seed, document)."""
+    if not n:
+        return set()
+    options = CompressionOptions(expand_fraction=n / num_chunks, expand_strategy=strategy,  # type: ignore[arg-type]
+                                 seed=seed * 1_000_003 + doc)
+    return choose_expanded(num_chunks, options)
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:

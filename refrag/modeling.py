@@ -366,10 +366,7 @@ class RefragModel(nn.Module):
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is set (logits only computed there)."""
-        logits, labels = self.label_logits(inputs)
-        return nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        return label_cross_entropy(*self.label_logits(inputs))
 
     def label_logits(self, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, K, V] and labels [B, K] at the K positions where any example has a label."""
@@ -395,6 +392,11 @@ class RefragModel(nn.Module):
                 position_ids=inputs.position_ids,
                 use_cache=False,
             ).logits
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, K, V] against labels [B, K] (IGNORE_INDEX skipped), in fp32."""
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def start_token(tokenizer) -> int | None:

@@ -26,6 +26,7 @@ class StageOptions:
     curriculum: bool = True  # Table 8 mixture; False shuffles the same examples (the paper's ablation)
     continuation_tokens: int = 0  # o: tokens to predict after the context (0: reconstruct the context)
     expand_fraction: float = 0.0  # p: chunks left uncompressed at random (mixed-input training: 0.1)
+    distill: float = 0.0  # weight of the KL from the full-context decoder (not in the paper; cpt / mixed only)
     train_decoder: Literal["frozen", "full", "lora"] = "frozen"
     lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
     seed: int = 0
@@ -36,6 +37,10 @@ class StageOptions:
             raise InputError(f"--max-chunks must be >= 1 (got {self.max_chunks}).")
         if not 0.0 <= self.expand_fraction < 1.0:
             raise InputError(f"--expand-fraction must be in [0, 1) (got {self.expand_fraction}).")
+        if not 0.0 <= self.distill <= 1.0:
+            raise InputError(f"--distill must be in [0, 1] (got {self.distill}).")
+        if self.distill and not self.continuation_tokens:
+            raise InputError("--distill needs a continuation to predict: it applies to `cpt` and `mixed`.")
         if self.train_decoder not in ("frozen", "full", "lora"):
             raise InputError(f"--train-decoder must be frozen, full or lora (got {self.train_decoder!r}).")
         if self.lora_rank < 1:
@@ -80,5 +85,6 @@ def stage_task(stage: str, model: RefragModel, corpus: TokenCorpus, options: Sta
     return StageTask(
         stage=stage, train_tokens=corpus.train, val_tokens=corpus.val, k=model.k, order=order,
         continuation_tokens=options.continuation_tokens, expand_fraction=options.expand_fraction,
-        seed=options.seed, eval_chunks=tuple(chunk_types(options.max_chunks)), eval_per_type=options.eval_per_type,
+        distill=options.distill, seed=options.seed, eval_chunks=tuple(chunk_types(options.max_chunks)),
+        eval_per_type=options.eval_per_type,
     )

@@ -24,7 +24,7 @@ from refrag.errors import InputError
 from refrag.modeling import RefragModel
 from refrag.train.checkpoint import FINAL, TrainerState, load_checkpoint, save_checkpoint, save_model
 from refrag.train.loggers import MetricLogger, make_loggers
-from refrag.train.objectives import Example, Score, StageTask, example_layouts, score_examples
+from refrag.train.objectives import Example, Score, StageTask, score_examples, training_loss
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
         loss_sum, tokens = 0.0, 0
         for micro in micro_batches(mine, options.micro_batch_size):
             with _autocast(options.bf16):
-                loss = model(model.build_inputs(example_layouts(model, micro)))
+                loss = training_loss(model, micro, task.distill)
             (loss * len(micro) / len(mine)).backward()
             loss_sum += float(loss.detach()) * len(micro)
             tokens += sum(len(ex.target) + len(ex.context) // task.k for ex in micro)

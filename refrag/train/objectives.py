@@ -2,7 +2,9 @@
 
 Reconstruction: the L chunk embeddings are the prefix, then x_1..x_{s-1} teacher-forced; loss on x_1..x_s.
 Next-paragraph (CPT / mixed): prefix [e_1..e_L] (some chunks raw in mixed training), then x_{s+1..s+o-1};
-loss on x_{s+1..s+o}. Loss is never on the context prefix itself.
+loss on x_{s+1..s+o}. Loss is never on the context prefix itself. Optionally (``distill`` > 0, not in the
+paper) part of that loss is the KL divergence from the original decoder reading the FULL context as tokens:
+a dense target (a whole next-token distribution per position) for "behave as if the context were there".
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ import numpy as np
 import torch
 
 from refrag.chunking import chunk_token_ids
-from refrag.errors import CheckpointError
-from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
+from refrag.errors import CheckpointError, InputError
+from refrag.modeling import (
+    IGNORE_INDEX,
+    Layout,
+    RefragModel,
+    label_cross_entropy,
+    segments_layout,
+    start_token,
+)
 from refrag.train.data import sample_window
 
 STAGES = ("reconstruct", "cpt", "mixed")
@@ -67,6 +76,46 @@ def choose_random_expanded(num_chunks: int, fraction: float, rng: np.random.Gene
     return tuple(int(i) for i in chosen)
 
 
+def teacher_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:
+    """The full-context text layouts of next-paragraph examples: [start] x_1..x_s x_{s+1}..x_{s+o-1}, labels on
+    x_{s+1..s+o} (the same targets, in the same order, as ``example_layouts``)."""
+    tok = model.tokenizer
+    anchor = [] if (t := start_token(tok)) is None else [t]
+    dim = model.decoder.config.hidden_size
+    layouts = []
+    for ex in examples:
+        if not ex.continuation:
+            raise InputError("distillation needs a continuation: it applies to `cpt` and `mixed`, not `reconstruct`.")
+        layout = segments_layout([anchor + list(ex.context) + list(ex.continuation[:-1])], dim, model.dtype)
+        labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
+        labels[-len(ex.continuation) :] = torch.tensor(ex.continuation)
+        layout.labels = labels
+        layouts.append(layout)
+    return layouts
+
+
+def distillation_loss(model: RefragModel, examples: Sequence[Example], student: torch.Tensor,
+                      student_labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) per target token; teacher = the original decoder with the full context.
+
+    ``student`` [B, K, V] / ``student_labels`` [B, K] as returned by ``RefragModel.label_logits``.
+    """
+    with torch.no_grad():
+        teacher, teacher_labels = model.label_logits(model.build_inputs(teacher_layouts(model, examples)))
+        teacher_logp = teacher[teacher_labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V]
+    student_logp = student[student_labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V], same rows in order
+    return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+
+
+def training_loss(model: RefragModel, examples: Sequence[Example], distill: float = 0.0) -> torch.Tensor:
+    """(1 - distill) * next-token cross-entropy + distill * KL from the full-context decoder."""
+    logits, labels = model.label_logits(model.build_inputs(example_layouts(model, examples)))  # [B, K, V], [B, K]
+    ce = label_cross_entropy(logits, labels)
+    if not distill:
+        return ce
+    return (1 - distill) * ce + distill * distillation_loss(model, examples, logits, labels)
+
+
 def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:
     """Examples -> labelled layouts; every chunk of the batch is encoded in one call."""
     k, tok = model.k, model.tokenizer
@@ -110,6 +159,7 @@ class StageTask:
     order: list[int]
     continuation_tokens: int = 0
     expand_fraction: float = 0.0
+    distill: float = 0.0  # weight of the KL from the full-context decoder (next-paragraph stages)
     seed: int = 0
     eval_chunks: tuple[int, ...] = (1,)
     eval_per_type: int = 8

@@ -17,7 +17,7 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
     data = ["--data", str(text)]
     stages = [("reconstruct", base), ("cpt", tmp_path / "reconstruct" / "final"), ("mixed", tmp_path / "cpt" / "final")]
     for stage, init in stages:
-        extra = ["--continuation-tokens", "8"] if stage != "reconstruct" else []
+        extra = ["--continuation-tokens", "8", "--distill", "0.5"] if stage != "reconstruct" else []
         result = runner.invoke(app, ["train", stage, "--init", str(init), "--out", str(tmp_path / stage),
                                      *data, *TINY, *extra])
         assert result.exit_code == 0, result.output

@@ -3,9 +3,17 @@ import pytest
 import torch
 from conftest import tiny_refrag
 
-from refrag.errors import CheckpointError
+from refrag.errors import CheckpointError, InputError
 from refrag.modeling import IGNORE_INDEX, start_token
-from refrag.train.objectives import Example, check_stage_order, choose_random_expanded, example_layouts
+from refrag.train.common import StageOptions
+from refrag.train.objectives import (
+    Example,
+    check_stage_order,
+    choose_random_expanded,
+    example_layouts,
+    teacher_layouts,
+    training_loss,
+)
 
 
 def test_reconstruction_layout_prefix_then_teacher_forced_tokens():
@@ -63,3 +71,43 @@ def test_random_expansion_never_leaves_an_example_without_a_compressed_chunk():
     rates = np.mean([len(choose_random_expanded(8, 0.1, rng)) for _ in range(2000)]) / 8
     assert rates == pytest.approx(0.1, abs=0.02)
     assert choose_random_expanded(8, 0.0, rng) == ()
+
+
+def test_teacher_layout_reads_the_context_as_tokens_with_the_students_targets():
+    model = tiny_refrag("llama", k=4)
+    ex = Example(context=tuple(range(10, 18)), continuation=(30, 31, 32), expanded=(0,))
+    (teacher,) = teacher_layouts(model, [ex])
+    (student,) = example_layouts(model, [ex])
+    assert not teacher.is_vector.any()
+    assert teacher.token_ids.tolist() == [start_token(model.tokenizer), *range(10, 18), 30, 31]
+    t_labels = teacher.labels[teacher.labels != IGNORE_INDEX].tolist()
+    assert t_labels == student.labels[student.labels != IGNORE_INDEX].tolist() == [30, 31, 32]
+    with pytest.raises(InputError, match="continuation"):
+        teacher_layouts(model, [Example(context=ex.context, continuation=())])
+
+
+def test_distillation_loss_is_the_kl_from_the_full_context_decoder():
+    torch.manual_seed(0)
+    model = tiny_refrag("llama", k=4)
+    examples = [Example(context=tuple(range(10, 18)), continuation=(30, 31, 32, 33)),
+                Example(context=tuple(range(20, 24)), continuation=(40, 41, 42, 43))]  # different context lengths
+    kl = training_loss(model, examples, distill=1.0)
+    # by hand: full logits of both layouts, one example at a time
+    manual = []
+    for ex in examples:
+        s = model.decoder_logits(model.build_inputs(example_layouts(model, [ex])))[0, -4:].float()
+        t = model.decoder_logits(model.build_inputs(teacher_layouts(model, [ex])))[0, -4:].float()
+        manual.append((t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1))
+    assert torch.allclose(kl, torch.cat(manual).mean(), atol=1e-5)
+    ce = training_loss(model, examples)
+    half = training_loss(model, examples, distill=0.5)
+    assert torch.allclose(half, 0.5 * ce + 0.5 * kl, atol=1e-5)
+    kl.backward()  # the teacher is constant: the gradient reaches the compressor only through the student
+    assert model.projector.fc1.weight.grad is not None and model.projector.fc1.weight.grad.abs().sum() > 0
+
+
+def test_distillation_is_refused_without_a_continuation():
+    with pytest.raises(InputError, match="continuation"):
+        StageOptions(distill=0.5)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        StageOptions(distill=1.5, continuation_tokens=8)

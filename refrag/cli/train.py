@@ -30,6 +30,8 @@ Distill = Annotated[float, typer.Option(help="weight in [0, 1] of a KL loss towa
                                              "full context as tokens (not in the paper; 0: next-token loss only)")]
 TrainDecoder = Annotated[str, typer.Option(help="frozen, full (all decoder parameters train) or lora (a LoRA adapter "
                                                 "of the decoder trains; it applies to compressed inputs only)")]
+TrainEncoder = Annotated[bool, typer.Option(help="train the encoder (--no-train-encoder: it stays as the previous "
+                                                 "stage left it; the projector still trains)")]
 LoraRank = Annotated[int, typer.Option(help="rank of the decoder's LoRA adapter (--train-decoder lora)")]
 MaxTokens = Annotated[int, typer.Option(help="tokens read per data source")]
 Seed = Annotated[int, typer.Option(help="seed: data order, windows, held-out set")]
@@ -47,7 +49,7 @@ PAPER_LR = {"reconstruct": 2e-4, "cpt": 5e-5, "mixed": 5e-5}
 def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: str, encoder: str, k: int,
          steps: int, batch_size: int, micro_batch_size: int, lr: float | None, max_chunks: int, curriculum: bool,
          continuation_tokens: int, expand_fraction: float, train_decoder: str, max_tokens: int, seed: int,
-         lora_rank: int = 8, distill: float = 0.0,
+         lora_rank: int = 8, distill: float = 0.0, train_encoder: bool = True,
          eval_every: int, save_every: int, resume: bool, gradient_checkpointing: bool, bf16: bool,
          stop_after: int | None = None) -> None:
     """One stage from the CLI: each command passes its own options (``**locals()``) plus the ones it fixes."""
@@ -62,7 +64,7 @@ def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: s
 
     stage_options = StageOptions(max_chunks=max_chunks, curriculum=curriculum, continuation_tokens=continuation_tokens,
                                  expand_fraction=expand_fraction, train_decoder=train_decoder, seed=seed,  # type: ignore[arg-type]
-                                 lora_rank=lora_rank, distill=distill)
+                                 lora_rank=lora_rank, distill=distill, train_encoder=train_encoder)
     train_options = TrainOptions(out_dir=out, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
                                  lr=lr or PAPER_LR[stage], eval_every=eval_every, save_every=save_every,
                                  resume=resume, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
@@ -98,7 +100,7 @@ def cpt_cmd(
     out: Out = Path("runs/cpt"), data: Data = [TRAINING_DATA],  # noqa: B006
     steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
     max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
-    distill: Distill = 0.0, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
+    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
@@ -112,7 +114,7 @@ def mixed_cmd(
     out: Out = Path("runs/mixed"), data: Data = [TRAINING_DATA],  # noqa: B006
     steps: Steps = 500, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
     max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
-    distill: Distill = 0.0, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
+    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:

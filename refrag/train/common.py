@@ -28,6 +28,7 @@ class StageOptions:
     expand_fraction: float = 0.0  # p: chunks left uncompressed at random (mixed-input training: 0.1)
     distill: float = 0.0  # weight of the KL from the full-context decoder (not in the paper; cpt / mixed only)
     train_decoder: Literal["frozen", "full", "lora"] = "frozen"
+    train_encoder: bool = True  # False: only the projector (and the decoder per train_decoder) trains
     lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
     seed: int = 0
     eval_per_type: int = 8  # held-out examples per number of chunks at each evaluation
@@ -59,16 +60,16 @@ def load_for_stage(
 
 
 def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> None:
-    """Encoder + projector always train. The decoder is frozen, fully trained, or adapted with LoRA (added here
-    unless the checkpoint already holds an adapter, which then trains further). Under bf16 training, frozen
-    decoder weights are cast to bf16: no master copy is needed for weights that never change, and bf16 matmuls
-    are 2-3x faster with AMX."""
+    """The projector always trains, the encoder unless ``train_encoder`` is off. The decoder is frozen, fully
+    trained, or adapted with LoRA (added here unless the checkpoint already holds an adapter, which then trains
+    further). Under bf16 training, frozen decoder weights are cast to bf16: no master copy is needed for weights
+    that never change, and bf16 matmuls are 2-3x faster with AMX."""
     train_decoder = options.train_decoder
     if model.has_adapter and train_decoder == "full":
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
     if train_decoder == "lora" and not model.has_adapter:
         model.add_lora(options.lora_rank)
-    model.encoder.requires_grad_(True)
+    model.encoder.requires_grad_(options.train_encoder)
     model.projector.requires_grad_(True)
     model.decoder.requires_grad_(train_decoder == "full")
     for name, p in model.decoder.named_parameters():

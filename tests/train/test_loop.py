@@ -11,7 +11,7 @@ from conftest import TEXT, tiny_refrag
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.common import StageOptions
+from refrag.train.common import StageOptions, set_trainable
 from refrag.train.cpt import cpt
 from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, lr_factor, micro_batches
@@ -135,3 +135,12 @@ def test_micro_batches_group_similar_lengths_and_keep_every_example():
     groups = micro_batches(examples, 2)
     assert [[len(ex.context) for ex in g] for g in groups] == [[4, 4], [8, 16], [32, 32]]
     assert sorted(map(id, itertools.chain(*groups))) == sorted(map(id, examples))
+
+
+def test_a_frozen_encoder_stays_as_it_was():
+    model = tiny_refrag("llama", k=4)
+    set_trainable(model, StageOptions(train_encoder=False), bf16=False)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert all(p.requires_grad for p in model.projector.parameters())
+    set_trainable(model, StageOptions(), bf16=False)
+    assert all(p.requires_grad for p in model.encoder.parameters())

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
@@ -29,6 +30,17 @@ ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when C
 FORMAT = "refrag-checkpoint"
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights") follow ``progress``; the global setting is restored after."""
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 @contextlib.contextmanager
@@ -157,13 +169,14 @@ class RefragModel(nn.Module):
         dtype = getattr(torch, config.dtype)
         dec = resolve(config.decoder, progress=progress).path
         enc = resolve(config.encoder, progress=progress).path
-        return cls(
-            config,
-            encoder=AutoModel.from_pretrained(enc, dtype=dtype),
-            encoder_tokenizer=AutoTokenizer.from_pretrained(enc),
-            decoder=AutoModelForCausalLM.from_pretrained(dec, dtype=dtype),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(dec),
-        )
+        with _hf_progress(progress):
+            return cls(
+                config,
+                encoder=AutoModel.from_pretrained(enc, dtype=dtype),
+                encoder_tokenizer=AutoTokenizer.from_pretrained(enc),
+                decoder=AutoModelForCausalLM.from_pretrained(dec, dtype=dtype),
+                decoder_tokenizer=AutoTokenizer.from_pretrained(dec),
+            )
 
     def save(self, path: str | Path, *, save_encoder: bool = True, save_decoder: bool = False) -> Path:
         """Write a checkpoint folder atomically: manifest + projector (+ encoder / decoder HF folders).

@@ -187,3 +187,11 @@ def test_load_model_merges_the_adapter_only_when_asked(tmp_path, merge):
     path = _with_trained_lora(tmp_path).save(tmp_path / "ckpt", save_encoder=True)
     loaded = load_model(path, dtype="float32", progress=False, merge=merge)
     assert loaded.has_adapter and (loaded.merged_decoder is not None) == merge
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_loading_bars_follow_progress(tmp_path, capfd, progress):
+    path = tiny_refrag("llama").save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    capfd.readouterr()
+    RefragModel.load(path, dtype="float32", progress=progress)
+    assert ("Loading weights" in capfd.readouterr().err) is progress

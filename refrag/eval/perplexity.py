@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # With a decoder adapter, the adapter alone (no context) is scored too: a control that separates what the
 # compressed context brings from what the adapter learnt about text in general.
 ADAPTER_CONTROL = "no_context_adapter"
+# REFRAG (first k) reading the chunk vectors of ANOTHER example's context: what the vectors bring that is not
+# about this example (their mere presence, generic text statistics). refrag{k} minus this is the context's own.
+FOREIGN_CONTROL = "foreign_vectors"
+CONTROLS = (ADAPTER_CONTROL, FOREIGN_CONTROL)
 
 
 @dataclass(frozen=True)
@@ -271,12 +275,19 @@ def evaluate_perplexity(
     """Log-perplexity of every example's output tokens under every method of ``options``."""
     start = start_token(model.tokenizer)
     methods = options.method_names() + ([ADAPTER_CONTROL] if model.has_adapter else [])
+    methods += [FOREIGN_CONTROL] if len(examples) > 1 else []
     result = PerplexityResult(options, {m: [] for m in methods}, list(examples))
-    batches = [examples[i : i + options.batch_size] for i in range(0, len(examples), options.batch_size)]
-    bar = tqdm(total=len(batches) * len(methods), desc="perplexity", unit="batch", disable=not progress)
-    for batch in batches:
+    size = options.batch_size
+    bar = tqdm(total=-(-len(examples) // size) * len(methods), desc="perplexity", unit="batch", disable=not progress)
+    for first in range(0, len(examples), size):
+        batch = examples[first : first + size]
         for method in methods:
-            prefixes = _prefixes(model, batch, method, options, start)
+            if method == FOREIGN_CONTROL:  # the next example's context (cyclically), this example's output
+                foreign = [replace(ex, context=examples[(first + i + 1) % len(examples)].context)
+                           for i, ex in enumerate(batch)]
+                prefixes = _prefixes(model, foreign, f"refrag{options.ks[0]}", options, start)
+            else:
+                prefixes = _prefixes(model, batch, method, options, start)
             layouts = [
                 scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)
             ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +48,16 @@ def _save(fig, ax, path: Path, legend_size: int) -> Path:
     return path
 
 
-def _rate(method: str, s: int, first_k: int) -> float:
-    """Context tokens per decoder position a perplexity method gives the decoder (no_context has none)."""
-    if method.startswith("refrag"):
-        return float(method[len("refrag") :])
+def _rate(method: str, s: int, first_k: int) -> float | None:
+    """Context tokens per decoder position a perplexity method gives the decoder; None for what is not a rate
+    (no_context, the controls, expanded REFRAG whose positions are not in its name)."""
+    if method == "full":
+        return 1.0
     if method == "truncated":
         return float(first_k)
-    if method.startswith("truncated"):
-        return s / float(method[len("truncated") :])
-    return 1.0
+    if match := re.fullmatch(r"(refrag|truncated)(\d+)", method):
+        return float(match[2]) if match[1] == "refrag" else s / float(match[2])
+    return None
 
 
 def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
@@ -67,8 +69,10 @@ def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
         if method == "no_context":
             ax.axhline(value, color="gray", ls="--", label="no context")
             continue
+        if (rate := _rate(method, s, ks[0])) is None:
+            continue
         ax.plot(
-            [_rate(method, s, ks[0])],
+            [rate],
             [value],
             "o" if method.startswith("refrag") else "s",
             ms=8,

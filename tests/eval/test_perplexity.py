@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,7 +57,8 @@ def test_too_short_documents_are_an_error(setup):
 def test_masking_equals_hand_computation(setup):
     model, opts, examples = setup
     result = evaluate_perplexity(model, examples, opts, progress=False)
-    assert list(result.per_example) == ["no_context", "full", "truncated", "truncated2", "refrag4", "refrag8"]
+    assert list(result.per_example) == ["no_context", "full", "truncated", "truncated2", "refrag4", "refrag8",
+                                        "foreign_vectors"]
     bos = start_token(model.tokenizer)
     for i, ex in enumerate(examples):
         ctx, out = list(ex.context), list(ex.output)
@@ -71,6 +73,7 @@ def test_masking_equals_hand_computation(setup):
         "truncated2",
         "refrag4",
         "refrag8",
+        "foreign_vectors",
     }
     lp = result.log_ppl
     expect = (lp["no_context"] - lp["refrag4"]) / (lp["no_context"] - lp["full"])
@@ -96,7 +99,7 @@ def test_adapter_scores_refrag_and_a_control_but_not_the_baselines(setup):
     plain = evaluate_perplexity(model, examples, opts, progress=False)
     adapted = add_random_lora(tiny_refrag("llama", k=4))
     result = evaluate_perplexity(adapted, examples, opts, progress=False)
-    assert list(result.per_example)[-1] == "no_context_adapter"
+    assert list(result.per_example)[-2:] == ["no_context_adapter", "foreign_vectors"]
     for method in ("no_context", "full", "truncated"):  # baselines: the original decoder
         assert result.per_example[method] == pytest.approx(plain.per_example[method], abs=1e-4)
     assert result.per_example["no_context_adapter"] != pytest.approx(plain.per_example["no_context"], abs=1e-3)
@@ -114,7 +117,8 @@ def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_posit
     (plain,) = _prefixes(model, examples[:1], "refrag4", opts, start)
     torch.testing.assert_close(torch.cat(plain[1:4]), torch.cat(prefix[1:4]))  # same vectors for the others
     result = evaluate_perplexity(model, examples, opts, progress=False)
-    assert set(result.per_example) == set(opts.method_names()) and result.summary()["expand"] == 0.25
+    assert set(result.per_example) == {*opts.method_names(), "foreign_vectors"}
+    assert result.summary()["expand"] == 0.25
 
 
 def test_random_expansion_is_seeded_per_example():
@@ -123,3 +127,15 @@ def test_random_expansion_is_seeded_per_example():
     assert _expanded(32, 4, "random", 0, 3) == picks[3] and _expanded(32, 4, "last", 0, 0) == {28, 29, 30, 31}
     with pytest.raises(InputError, match="expand"):
         PerplexityOptions(expand=1.0)
+
+
+def test_foreign_vectors_control_reads_the_next_examples_context(setup):
+    model, opts, examples = setup
+    result = evaluate_perplexity(model, examples, opts, progress=False)  # batches of 2: [0, 1], [2]
+    single = PerplexityOptions(s=16, o=6, ks=(4,), limit=1, batch_size=1)
+    for i, ex in enumerate(examples):
+        swapped = replace(ex, context=examples[(i + 1) % len(examples)].context)
+        alone = evaluate_perplexity(model, [swapped], single, progress=False)
+        assert "foreign_vectors" not in alone.per_example  # one example: nothing foreign to read
+        assert result.per_example["foreign_vectors"][i] == pytest.approx(alone.per_example["refrag4"][0], abs=1e-4)
+    assert result.per_example["foreign_vectors"] != pytest.approx(result.per_example["refrag4"], abs=1e-4)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from refrag.errors import InputError
-from refrag.eval.report import ReportInputs, training_series, write_report
+from refrag.eval.report import ReportInputs, _rate, training_series, write_report
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -71,3 +71,11 @@ def test_training_curves_take_train_loss_and_held_out_log_ppl(tmp_path):
         "rec: eval/log_ppl_1xk": [(2, 3.9)],
     }
     assert training_series(tmp_path / "missing") == {}
+
+
+@pytest.mark.parametrize("method, rate", [
+    ("full", 1.0), ("truncated", 16.0), ("truncated152", 512 / 152), ("refrag16", 16.0), ("no_context", None),
+    ("refrag16+last25", None), ("no_context_adapter", None), ("foreign_vectors", None),
+])
+def test_quality_vs_rate_places_methods_and_skips_controls(method, rate):
+    assert _rate(method, 512, 16) == (rate if rate is None else pytest.approx(rate))

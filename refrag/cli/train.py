@@ -100,7 +100,8 @@ def cpt_cmd(
     out: Out = Path("runs/cpt"), data: Data = [TRAINING_DATA],  # noqa: B006
     steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
     max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
-    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
+    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
+    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:
@@ -114,7 +115,8 @@ def mixed_cmd(
     out: Out = Path("runs/mixed"), data: Data = [TRAINING_DATA],  # noqa: B006
     steps: Steps = 500, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
     max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
-    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen", lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
+    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
+    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
     eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
     gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
 ) -> None:

@@ -45,7 +45,6 @@ ADAPTER_CONTROL = "no_context_adapter"
 # REFRAG (first k) reading the chunk vectors of ANOTHER example's context: what the vectors bring that is not
 # about this example (their mere presence, generic text statistics). refrag{k} minus this is the context's own.
 FOREIGN_CONTROL = "foreign_vectors"
-CONTROLS = (ADAPTER_CONTROL, FOREIGN_CONTROL)
 
 
 @dataclass(frozen=True)

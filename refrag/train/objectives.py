@@ -79,18 +79,12 @@ def choose_random_expanded(num_chunks: int, fraction: float, rng: np.random.Gene
 def teacher_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:
     """The full-context text layouts of next-paragraph examples: [start] x_1..x_s x_{s+1}..x_{s+o-1}, labels on
     x_{s+1..s+o} (the same targets, in the same order, as ``example_layouts``)."""
-    tok = model.tokenizer
-    anchor = [] if (t := start_token(tok)) is None else [t]
-    dim = model.decoder.config.hidden_size
+    anchor = _anchor(model)
     layouts = []
     for ex in examples:
         if not ex.continuation:
             raise InputError("distillation needs a continuation: it applies to `cpt` and `mixed`, not `reconstruct`.")
-        layout = segments_layout([anchor + list(ex.context) + list(ex.continuation[:-1])], dim, model.dtype)
-        labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
-        labels[-len(ex.continuation) :] = torch.tensor(ex.continuation)
-        layout.labels = labels
-        layouts.append(layout)
+        layouts.append(_labelled_layout(model, [anchor + list(ex.context)], list(ex.continuation)))
     return layouts
 
 
@@ -122,8 +116,7 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     chunked = [chunk_token_ids(ex.context, tok, k) for ex in examples]
     texts = [c.text for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
     vectors = model.embed_chunks(texts) if texts else None  # [N, D]
-    dim = model.decoder.config.hidden_size
-    anchor = [] if (t := start_token(tok)) is None else [t]
+    anchor = _anchor(model)
     layouts, row = [], 0
     for chunks, ex in zip(chunked, examples):
         segments: list[list[int] | torch.Tensor] = [anchor]
@@ -134,14 +127,22 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
                 assert vectors is not None
                 segments.append(vectors[row : row + 1])
                 row += 1
-        target = list(ex.target)
-        layout = segments_layout(segments + [target[:-1]], dim, model.dtype)
-        prefix = layout.length - (len(target) - 1)
-        labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
-        labels[prefix - 1 :] = torch.tensor(target)  # last prefix position predicts the first target token
-        layout.labels = labels
-        layouts.append(layout)
+        layouts.append(_labelled_layout(model, segments, list(ex.target)))
     return layouts
+
+
+def _anchor(model: RefragModel) -> list[int]:
+    """The start token every layout begins with (never a chunk at position 0: the attention sink)."""
+    return [] if (t := start_token(model.tokenizer)) is None else [t]
+
+
+def _labelled_layout(model: RefragModel, prefix: list[list[int] | torch.Tensor], target: list[int]) -> Layout:
+    """prefix segments + target[:-1], labels on the target (the prefix's last position predicts target[0])."""
+    layout = segments_layout(prefix + [target[:-1]], model.decoder.config.hidden_size, model.dtype)
+    labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
+    labels[-len(target) :] = torch.tensor(target)
+    layout.labels = labels
+    return layout
 
 
 @dataclass

@@ -6,7 +6,7 @@ Every dataclass validates itself in ``__post_init__`` and names the option the u
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from refrag.errors import InputError
 
@@ -48,9 +48,9 @@ class CompressionOptions:
             raise InputError(f"mode must be 'full' or 'refrag' (got {self.mode!r}).")
         if not 0.0 <= self.expand_fraction <= 1.0:
             raise InputError(f"expand_fraction must be in [0, 1] (got {self.expand_fraction!r}).")
-        if self.expand_strategy not in ("similarity", "random", "first", "last"):
+        if self.expand_strategy not in (strategies := get_args(ExpandStrategy)):
             raise InputError(
-                f"expand_strategy must be similarity, random, first or last (got {self.expand_strategy!r})."
+                f"expand_strategy must be one of {', '.join(strategies)} (got {self.expand_strategy!r})."
             )
 
 

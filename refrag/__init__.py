@@ -26,7 +26,7 @@ _EXPORTS = {
     "Request": "refrag.generate",
     "Answer": "refrag.generate",
     "generate": "refrag.generate",
-    "load_model": "refrag.loading",
+    "load_model": "refrag.checkpoint",
     "Index": "refrag.index",
     "Pipeline": "refrag.pipeline",
 }

@@ -10,19 +10,35 @@ from typing import Literal, get_args
 
 from refrag.errors import InputError
 
-Mode = Literal["full", "refrag"]
+Mode = Literal["full", "refrag"]  # full: every chunk as tokens (plain RAG); refrag: compressed chunks
+DType = Literal["bfloat16", "float32"]  # fp16 overflows with inputs_embeds
 Pooling = Literal["mean", "cls"]
 ExpandStrategy = Literal["similarity", "random", "first", "last"]
 
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
+DEFAULT_K = 16  # decoder tokens per chunk (the paper's REFRAG16)
+
+
+def check_fraction(value: float, option: str, *, below_one: bool = False) -> None:
+    """The one range check of a fraction of chunks: [0, 1], or [0, 1) where expanding every chunk is refused
+    (training and scoring need at least one compressed chunk)."""
+    ok = isinstance(value, int | float) and 0.0 <= value and (value < 1.0 if below_one else value <= 1.0)
+    if not ok:
+        raise InputError(f"{option} must be in [0, {'1)' if below_one else '1]'} (got {value!r}).")
+
+
+def check_choice(value: object, choices: type, option: str) -> None:
+    """``value`` must be one of a Literal's values (the vocabulary is declared once, as that Literal)."""
+    if value not in (allowed := get_args(choices)):
+        raise InputError(f"{option} must be one of {', '.join(map(str, allowed))} (got {value!r}).")
 
 
 @dataclass(frozen=True)
 class ChunkingOptions:
     """How text is cut, in DECODER token space."""
 
-    k: int = 16  # decoder tokens per chunk; one decoder position per compressed chunk
+    k: int = DEFAULT_K  # decoder tokens per chunk; one decoder position per compressed chunk
     passage_tokens: int = 256  # max decoder tokens per passage (retrieval unit)
 
     def __post_init__(self) -> None:
@@ -44,14 +60,9 @@ class CompressionOptions:
     seed: int = 0  # for expand_strategy="random"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("full", "refrag"):
-            raise InputError(f"mode must be 'full' or 'refrag' (got {self.mode!r}).")
-        if not 0.0 <= self.expand_fraction <= 1.0:
-            raise InputError(f"expand_fraction must be in [0, 1] (got {self.expand_fraction!r}).")
-        if self.expand_strategy not in (strategies := get_args(ExpandStrategy)):
-            raise InputError(
-                f"expand_strategy must be one of {', '.join(strategies)} (got {self.expand_strategy!r})."
-            )
+        check_choice(self.mode, Mode, "mode")
+        check_fraction(self.expand_fraction, "expand_fraction")
+        check_choice(self.expand_strategy, ExpandStrategy, "expand_strategy")
 
 
 @dataclass(frozen=True)
@@ -81,20 +92,19 @@ class RefragConfig:
 
     decoder: str = DEFAULT_DECODER  # built-in name, local folder or HF id (or "decoder" inside a checkpoint)
     encoder: str = DEFAULT_ENCODER
-    k: int = 16
+    k: int = DEFAULT_K
     pooling: Pooling = "mean"
     encoder_max_tokens: int = 64  # encoder-tokenizer cap for one chunk's text (k decoder tokens fit easily)
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    dtype: DType = "bfloat16"
     target_rms: float | None = None  # RMS of decoder token embeddings; measured at construction if None
     extra: dict[str, str] = field(default_factory=dict)  # provenance (training stage, data, ...)
 
     def __post_init__(self) -> None:
         ChunkingOptions(k=self.k, passage_tokens=max(self.k, 256))
-        if self.pooling not in ("mean", "cls"):
-            raise InputError(f"pooling must be 'mean' or 'cls' (got {self.pooling!r}).")
+        check_choice(self.pooling, Pooling, "pooling")
         if self.encoder_max_tokens < 4:
             raise InputError(f"encoder_max_tokens must be >= 4 (got {self.encoder_max_tokens}).")
-        if self.dtype not in ("bfloat16", "float32"):
+        if self.dtype not in get_args(DType):
             raise InputError(
                 f"dtype must be bfloat16 or float32 (got {self.dtype!r}); fp16 overflows with inputs_embeds."
             )

@@ -6,19 +6,21 @@ tokenisation, chunk encoding when vectors are not precomputed, projection, prefi
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
 
-from refrag.chunking import Passage, split_passages
+from refrag.chunking import Chunk, Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
 from refrag.modeling import DecoderInputs, Layout, RefragModel
-from refrag.prompting import PromptTemplate, choose_expanded, context_layout
+from refrag.policy import choose_expanded
+from refrag.prompting import PromptTemplate, rag_layout
 
 FinishReason = Literal["eos", "stop", "length"]
 TextCallback = Callable[[int, str], None]  # (batch row, new text)
@@ -45,6 +47,17 @@ class Request:
             contexts = [contexts]
         passages = [p for text in contexts for p in split_passages(text, tokenizer, chunking)]
         return cls(question=question, passages=tuple(passages))
+
+    def with_encodings(self, model: RefragModel) -> Request:
+        """The same request with its chunk encoder outputs precomputed (what an index stores): the cached path."""
+        with torch.inference_mode():
+            encoded = tuple(model.encode_chunks([c.text for c in p.chunks]) for p in self.passages)
+        return Request(self.question, self.passages, encoded)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """Every chunk of every passage, in order (the L chunks a policy chooses from)."""
+        return [c for p in self.passages for c in p.chunks]
 
 
 @dataclass(frozen=True)
@@ -143,10 +156,6 @@ class _Row:
         self._emitted = len(self.text)
 
 
-def _num_chunks(request: Request) -> int:
-    return sum(len(p.chunks) for p in request.passages)
-
-
 def _chunk_encodings(
     model: RefragModel, requests: Sequence[Request], compression: CompressionOptions
 ) -> tuple[list[torch.Tensor | None], float]:
@@ -163,7 +172,7 @@ def _chunk_encodings(
     out: list[torch.Tensor | None] = []
     offset = 0
     for r in requests:
-        n = _num_chunks(r)
+        n = len(r.chunks)
         if r.encoded is None:
             out.append(fresh[offset : offset + n])
             offset += n
@@ -177,14 +186,15 @@ def _chunk_encodings(
     return out, encode_s
 
 
-def _expanded(
-    model: RefragModel, request: Request, encoded: torch.Tensor | None, compression: CompressionOptions
-) -> set[int]:
-    """Chunks kept as raw tokens; the similarity strategy encodes the question with the chunk encoder."""
-    question = None
-    if encoded is not None and compression.expand_fraction > 0 and compression.expand_strategy == "similarity":
-        question = model.encode_chunks([request.question])[0]
-    return choose_expanded(_num_chunks(request), compression, chunk_encodings=encoded, question_encoding=question)
+@contextlib.contextmanager
+def _eval_mode(model: RefragModel) -> Iterator[None]:
+    """Inference runs in eval mode (no dropout); the caller's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @torch.inference_mode()
@@ -201,8 +211,6 @@ def generate(
     t0 = time.perf_counter()
     if not requests:
         raise InputError("generate needs at least one request.")
-    if model.training:
-        model.eval()
     template = template or PromptTemplate.for_tokenizer(model.tokenizer)
     tok = model.tokenizer
     question_ids = [template.question_ids(tok, r.question) for r in requests]
@@ -210,15 +218,37 @@ def generate(
         if not r.passages:
             raise InputError("context is empty: give at least one passage (or use no context at all).")
 
-    encoded, encode_s = _chunk_encodings(model, requests, compression)
-    layouts, expanded_sets = [], []
-    for r, q_ids, enc in zip(requests, question_ids, encoded):
-        expanded = _expanded(model, r, enc, compression)
-        vectors = model.project(enc) if enc is not None else None  # [L, D]
-        layouts.append(context_layout(model, template, q_ids, r.passages, vectors, expanded))
-        expanded_sets.append(expanded)
+    with _eval_mode(model):
+        encoded, encode_s = _chunk_encodings(model, requests, compression)
+        layouts, expanded_sets = [], []
+        for r, q_ids, enc in zip(requests, question_ids, encoded):
+            expanded = choose_expanded(r.chunks, compression, encodings=enc, question=r.question,
+                                       encode=model.encode_chunks)
+            compressed = [i for i in range(len(r.chunks)) if i not in expanded]
+            vectors = model.project(enc)[compressed] if enc is not None else None  # [V, D]
+            layouts.append(rag_layout(model, template, q_ids, r.passages, vectors, expanded))
+            expanded_sets.append(expanded)
+        batch = _Batch(tuple(requests), layouts, expanded_sets, t0, encode_s)
+        return _prefill_and_decode(model, batch, sampling, on_text)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What generation prepared for the decoder: one layout and expanded set per request."""
+
+    requests: tuple[Request, ...]
+    layouts: list[Layout]
+    expanded: list[set[int]]
+    t0: float  # when the call started (the questions' arrival): timings count from here
+    encode_s: float  # chunk encoding at query time
+
+
+def _prefill_and_decode(
+    model: RefragModel, batch: _Batch, sampling: SamplingOptions, on_text: TextCallback | None
+) -> list[Answer]:
+    """The window check, the prefill (logits of the last position only), then KV-cached decoding."""
     limit = getattr(model.decoder.config, "max_position_embeddings", None)
-    longest = max(x.length for x in layouts)
+    longest = max(x.length for x in batch.layouts)
     if limit and longest > limit:
         raise InputError(
             f"the prompt needs {longest} decoder positions but the decoder's window is {limit}: "
@@ -226,51 +256,48 @@ def generate(
         )
     # No KV cache of the constant template head: with a past, SDPA on CPU loses its causal kernel (explicit
     # mask): measured full context 4.6 -> 8.6 s at s = 4096 and no gain for REFRAG (docs/bench/ttft.md).
-    inputs = model.build_inputs(layouts)  # [B, T, D], left-padded
-
-    with model.decoder_for(inputs.compressed) as decoder:
-        return _decode(model, decoder, requests, layouts, expanded_sets, inputs, sampling, on_text, t0, encode_s)
-
-
-def _decode(
-    model: RefragModel,
-    decoder: PreTrainedModel,
-    requests: Sequence[Request],
-    layouts: list[Layout],
-    expanded_sets: list[set[int]],
-    inputs: DecoderInputs,
-    sampling: SamplingOptions,
-    on_text: TextCallback | None,
-    t0: float,
-    encode_s: float,
-) -> list[Answer]:
-    """Prefill, then KV-cached decoding; timings count from ``t0`` (the request's arrival)."""
-    B, tok = len(requests), model.tokenizer
-    # prefill (logits for the last position only) and the first token
-    t_pre = time.perf_counter()
-    mask, positions = inputs.attention_mask, inputs.position_ids
-    out = decoder(
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=None if bool(mask.all()) else mask,  # no padding: the causal kernel
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    inputs = model.build_inputs(batch.layouts)  # [B, T, D], left-padded
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    next_ids = sample_next(out.logits[:, -1], sampling, generator)  # [B]
-    first = next_ids.tolist()
-    ttft = time.perf_counter() - t0
-    prefill_s = time.perf_counter() - t_pre
-    cache = out.past_key_values
-    kv_bytes = kv_cache_bytes(cache)
+    with model.decoder_for(inputs.compressed) as decoder:
+        t_pre = time.perf_counter()
+        mask = inputs.attention_mask
+        out = decoder(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=None if bool(mask.all()) else mask,  # no padding: the causal kernel
+            position_ids=inputs.position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        next_ids = sample_next(out.logits[:, -1], sampling, generator)  # [B]
+        first = next_ids.tolist()
+        ttft, prefill_s = time.perf_counter() - batch.t0, time.perf_counter() - t_pre
+        kv_bytes = kv_cache_bytes(out.past_key_values)
+        rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
+                for b in range(len(batch.requests))]
+        _decode(model, decoder, inputs, out.past_key_values, (next_ids, first), rows, sampling, generator)
+    total = time.perf_counter() - batch.t0
+    steps = max(len(r.ids) for r in rows)
+    timings = Timings(
+        ttft_s=ttft,
+        encode_s=batch.encode_s,
+        prefill_s=prefill_s,
+        ttit_s=(total - ttft) / (steps - 1) if steps > 1 else 0.0,
+        total_s=total,
+        tokens_per_s=sum(len(r.ids) for r in rows) / total if total > 0 else 0.0,
+    )
+    return [_answer(r, row, layout, expanded, timings, kv_bytes)
+            for r, row, layout, expanded in zip(batch.requests, rows, batch.layouts, batch.expanded)]
 
-    # KV-cached decoding
+
+def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs, cache, first: tuple[torch.Tensor, list[int]],
+            rows: list[_Row], sampling: SamplingOptions, generator: torch.Generator | None) -> None:
+    """KV-cached decoding from the prefill's cache and first tokens, until every row finished or the cap."""
+    B = len(rows)
     eos = set() if sampling.ignore_eos else _eos_ids(model)
-    rows = [_Row(tok, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None) for b in range(B)]
-    positions = positions[:, -1:]
-    step_ids = first
+    mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
+    next_ids, step_ids = first
     for step in range(sampling.max_new_tokens):
         for row, token in zip(rows, step_ids):
             row.push(token, eos)
@@ -289,33 +316,18 @@ def _decode(
         step_ids = next_ids.tolist()
     for row in rows:
         row.flush()
-    total = time.perf_counter() - t0
-    n_new = sum(len(r.ids) for r in rows)
-    steps = max(len(r.ids) for r in rows)
-    timings = Timings(
-        ttft_s=ttft,
-        encode_s=encode_s,
-        prefill_s=prefill_s,
-        ttit_s=(total - ttft) / (steps - 1) if steps > 1 else 0.0,
-        total_s=total,
-        tokens_per_s=n_new / total if total > 0 else 0.0,
+
+
+def _answer(request: Request, row: _Row, layout: Layout, expanded: set[int], timings: Timings, kv_bytes: int) -> Answer:
+    chunk_tokens = [len(c.token_ids) for c in request.chunks]
+    return Answer(
+        text=row.text.strip(),
+        token_ids=tuple(row.ids),
+        finish_reason=row.finish or "length",
+        timings=timings,
+        decoder_positions=layout.length,
+        context_tokens=sum(p.num_tokens for p in request.passages),
+        context_positions=sum(n if i in expanded else 1 for i, n in enumerate(chunk_tokens)),
+        expanded_chunks=tuple(sorted(expanded)),
+        kv_cache_bytes=kv_bytes,
     )
-    answers = []
-    for b, r in enumerate(requests):
-        context_tokens = sum(p.num_tokens for p in r.passages)
-        chunk_tokens = [len(c.token_ids) for p in r.passages for c in p.chunks]
-        context_positions = sum(n if i in expanded_sets[b] else 1 for i, n in enumerate(chunk_tokens))
-        answers.append(
-            Answer(
-                text=rows[b].text.strip(),
-                token_ids=tuple(rows[b].ids),
-                finish_reason=rows[b].finish or "length",
-                timings=timings,
-                decoder_positions=layouts[b].length,
-                context_tokens=context_tokens,
-                context_positions=context_positions,
-                expanded_chunks=tuple(sorted(expanded_sets[b])),
-                kv_cache_bytes=kv_bytes,
-            )
-        )
-    return answers

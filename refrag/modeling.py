@@ -1,57 +1,41 @@
-"""RefragModel: encoder -> projector -> decoder glue.
+"""REFRAG in one file: chunk vectors -> projector -> decoder positions, read top to bottom.
 
-Each k-token context chunk is encoded independently (so its vector can be precomputed at indexing time),
-projected into the decoder's token-embedding space, and occupies ONE decoder position. Expanded chunks put
-their k decoder tokens back in place. ``build_inputs`` turns any mix of the two into ``inputs_embeds``.
+1. Every k-token context chunk is encoded on its own (``RefragModel.encode_chunks``: encoder + pooling), so its
+   vector can be precomputed at indexing time, then projected into the decoder's token-embedding space
+   (``Projector``, output RMS pinned to the decoder's embeddings).
+2. ``context_segments`` is THE interleaving: chunks in order, an expanded chunk as its k decoder tokens, a
+   compressed one as ONE vector row. Generation, training and scoring all build their context with it.
+3. ``segments_layout`` concatenates segments (token runs and vector rows) into one example's ``Layout``;
+   ``scored_layout`` adds the labels (the one place targets are put after a prefix).
+4. ``RefragModel.build_inputs`` embeds and left-pads a batch of layouts into ``inputs_embeds``.
+5. ``RefragModel.decoder_for`` is the decoder-adapter switch: a LoRA adapter (when trained) runs on compressed
+   inputs only; text-only inputs run the original decoder, so full-context mode stays the plain decoder.
+6. ``token_nll`` is the one negative log-likelihood every loss and score is made of.
+
+Loading and saving checkpoints is :mod:`refrag.checkpoint`; which chunks stay raw is :mod:`refrag.policy`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedModel
 
+from refrag.chunking import Chunk
 from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
-from refrag.io import atomic_dir, write_json_atomic
 
-MANIFEST = "refrag.json"
-ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when CPT trained one
-FORMAT = "refrag-checkpoint"
-FORMAT_VERSION = 1
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of positions without a target
+Segment = Sequence[int] | torch.Tensor  # raw token ids, or [n, D] rows placed as they are
 
 
-@contextlib.contextmanager
-def _hf_progress(enabled: bool) -> Iterator[None]:
-    """transformers' own bars ("Loading weights") follow ``progress``; the global setting is restored after."""
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning on every
-    adapter load that the user can do nothing about."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
+# ---------------------------------------------------------------- 1. chunk vectors
 class Projector(nn.Module):
     """2-layer MLP (GELU) from encoder space to decoder embedding space, output RMS pinned to the decoder's.
 
@@ -74,6 +58,58 @@ class Projector(nn.Module):
         return y * inv_rms * (self.gain * self.target_rms).to(y.dtype)
 
 
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, E] hidden states + [B, T] mask -> [B, E]."""
+    if how == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def embedding_rms(decoder: PreTrainedModel, sample: int = 8192) -> float:
+    """RMS of the decoder's token-embedding rows (as its embedding module outputs them)."""
+    emb = decoder.get_input_embeddings()
+    vocab = emb.weight.shape[0]
+    ids = torch.linspace(0, vocab - 1, min(sample, vocab)).long().to(emb.weight.device)
+    return float(emb(ids).float().pow(2).mean().sqrt())
+
+
+# ---------------------------------------------------------------- 2. the interleaving
+def context_segments(
+    groups: Sequence[Sequence[Chunk]],
+    expanded: Collection[int],
+    vectors: torch.Tensor | None,
+    separator: Sequence[int] = (),
+) -> list[Segment]:
+    """Chunks of consecutive groups (passages) in order: expanded ones as their tokens, the others as vectors.
+
+    ``expanded`` holds chunk indices counted across all groups; ``vectors`` [V, D] are the projected vectors of
+    the V compressed chunks, in order (None when every chunk is expanded). ``separator`` tokens go between two
+    groups only where both neighbouring chunks are raw tokens: compressed chunks follow each other directly, as
+    in training (contiguous text, one vector per chunk). With every chunk expanded and a separator this is
+    exactly the plain-RAG token sequence.
+    """
+    segments: list[Segment] = []
+    index = row = 0
+    for g, chunks in enumerate(groups):
+        if g and separator and index - 1 in expanded and index in expanded:
+            segments.append(separator)
+        for chunk in chunks:
+            if index in expanded:
+                segments.append(chunk.token_ids)
+            else:
+                if vectors is None or row >= vectors.shape[0]:
+                    raise InputError("a compressed chunk has no chunk vector (fewer vectors than chunks).")
+                segments.append(vectors[row : row + 1])
+                row += 1
+            index += 1
+    if vectors is not None and row != vectors.shape[0]:
+        raise InputError(f"{vectors.shape[0]} chunk vectors for {row} compressed chunks.")
+    return segments
+
+
+# ---------------------------------------------------------------- 3. one example's layout
 @dataclass
 class Layout:
     """One example's decoder input before embedding.
@@ -101,20 +137,7 @@ class Layout:
         return int(self.token_ids.shape[0])
 
 
-@dataclass
-class DecoderInputs:
-    """A left-padded batch ready for the decoder."""
-
-    inputs_embeds: torch.Tensor  # [B, T, D]
-    attention_mask: torch.Tensor  # [B, T] long, 0 on left padding
-    position_ids: torch.Tensor  # [B, T] long, 0.. on real positions
-    labels: torch.Tensor | None = None  # [B, T] long, target after each position
-    compressed: bool = True  # some position holds a chunk vector (selects the decoder adapter, if any)
-
-
-def segments_layout(
-    segments: Sequence[Sequence[int] | torch.Tensor], dim: int, dtype: torch.dtype
-) -> Layout:
+def segments_layout(segments: Sequence[Segment], dim: int, dtype: torch.dtype) -> Layout:
     """Concatenate segments in order: a sequence of ints is raw tokens, a [n, D] tensor is n vectors."""
     ids: list[torch.Tensor] = []
     flags: list[torch.Tensor] = []
@@ -134,8 +157,79 @@ def segments_layout(
     return Layout(token_ids=torch.cat(ids), is_vector=torch.cat(flags), vectors=vectors)
 
 
+def scored_layout(
+    prefix: Sequence[Segment], target: Sequence[int], dim: int, dtype: torch.dtype, *, skip_first: bool = False
+) -> Layout:
+    """prefix segments + target[:-1], labels on the target: the prefix's last position predicts target[0].
+
+    ``skip_first`` leaves target[0] unscored (needed when the prefix is empty: nothing predicts it).
+    """
+    layout = segments_layout([*prefix, list(target[:-1])], dim, dtype)
+    n_prefix = layout.length - (len(target) - 1)
+    targets = torch.tensor(list(target))
+    labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
+    if n_prefix == 0:  # nothing predicts target[0]
+        if not skip_first:
+            raise InputError("an empty prefix cannot predict the first target token; score with skip_first=True.")
+        labels[:] = targets[1:]
+    else:
+        labels[n_prefix - 1 :] = targets
+        if skip_first:
+            labels[n_prefix - 1] = IGNORE_INDEX
+    layout.labels = labels
+    return layout
+
+
+def start_token(tokenizer) -> int | None:
+    """The token every training / scoring sequence starts with: BOS, else EOS, else None.
+
+    Decoders use their first position as an attention sink (attention mass parks there, its value is barely
+    read); a chunk vector at position 0 would be ignored, so sequences start with this token instead.
+    """
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+# ---------------------------------------------------------------- 6. the one likelihood
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, K, V] and labels [B, K] -> per-position NLL [B, K] (fp32; 0 where unlabelled) and mask [B, K]."""
+    nll = nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return nll, labels != IGNORE_INDEX
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over every labelled position of the batch (the training loss)."""
+    nll, mask = token_nll(logits, labels)
+    return nll.sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- 4./5. the model
+@dataclass
+class DecoderInputs:
+    """A left-padded batch ready for the decoder."""
+
+    inputs_embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T] long, 0 on left padding
+    position_ids: torch.Tensor  # [B, T] long, 0.. on real positions
+    labels: torch.Tensor | None = None  # [B, T] long, target after each position
+    compressed: bool = True  # some position holds a chunk vector (selects the decoder adapter, if any)
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning on every
+    adapter load that the user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 class RefragModel(nn.Module):
-    """Encoder + projector + decoder. Build with :meth:`from_config` or :meth:`load`."""
+    """Encoder + projector + decoder. Load with :func:`refrag.load_model` (or :mod:`refrag.checkpoint`)."""
 
     def __init__(
         self,
@@ -147,157 +241,19 @@ class RefragModel(nn.Module):
         projector: Projector | None = None,
     ) -> None:
         super().__init__()
+        if config.target_rms is None:  # a copy: the caller's config stays as given
+            config = replace(config, target_rms=embedding_rms(decoder))
         self.config = config
         self.encoder = encoder
         self.encoder_tokenizer = encoder_tokenizer
         self.decoder = decoder
         self.tokenizer = decoder_tokenizer
-        if config.target_rms is None:
-            config.target_rms = embedding_rms(decoder)
         self.projector = projector or Projector(
             encoder.config.hidden_size, decoder.config.hidden_size, config.target_rms
         )
         self.projector.to(device=decoder.device, dtype=decoder.dtype)
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
 
-    # ---------------------------------------------------------------- construction, save, load
-    @classmethod
-    def from_config(cls, config: RefragConfig, *, progress: bool = True) -> RefragModel:
-        """Load the decoder and encoder named in ``config`` (built-in names, folders or HF ids)."""
-        from refrag.models import resolve
-
-        dtype = getattr(torch, config.dtype)
-        dec = resolve(config.decoder, progress=progress).path
-        enc = resolve(config.encoder, progress=progress).path
-        with _hf_progress(progress):
-            return cls(
-                config,
-                encoder=AutoModel.from_pretrained(enc, dtype=dtype),
-                encoder_tokenizer=AutoTokenizer.from_pretrained(enc),
-                decoder=AutoModelForCausalLM.from_pretrained(dec, dtype=dtype),
-                decoder_tokenizer=AutoTokenizer.from_pretrained(dec),
-            )
-
-    def save(self, path: str | Path, *, save_encoder: bool = True, save_decoder: bool = False) -> Path:
-        """Write a checkpoint folder atomically: manifest + projector (+ encoder / decoder HF folders).
-
-        Components not saved are referenced by their spec in the manifest (e.g. a frozen built-in decoder).
-        """
-        path = Path(path)
-        if save_decoder and self.has_adapter:
-            raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
-                             "(the manifest references the base decoder by its name or folder).")
-        with atomic_dir(path) as tmp:
-            config = asdict(self.config)
-            components = {"encoder": self.config.encoder, "decoder": self.config.decoder}
-            for name, model, tok, keep in (
-                ("encoder", self.encoder, self.encoder_tokenizer, save_encoder),
-                ("decoder", self.decoder, self.tokenizer, save_decoder),
-            ):
-                if keep:
-                    model.save_pretrained(tmp / name, safe_serialization=True)
-                    tok.save_pretrained(tmp / name)
-                    components[name] = config[name] = name  # inside the checkpoint, not where it was loaded from
-            if self.has_adapter:
-                self.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
-                (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
-                components[ADAPTER] = ADAPTER
-            state = {k: v.detach().float().contiguous().cpu() for k, v in self.projector.state_dict().items()}
-            save_file(state, str(tmp / "projector.safetensors"))
-            write_json_atomic(
-                tmp / MANIFEST,
-                {
-                    "format": FORMAT,
-                    "version": FORMAT_VERSION,
-                    "config": config,
-                    "components": components,
-                    "encoder_hidden": self.encoder.config.hidden_size,
-                    "decoder_hidden": self.decoder.config.hidden_size,
-                },
-            )
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, dtype: str | None = None, progress: bool = True) -> RefragModel:
-        """Load a checkpoint folder written by :meth:`save`; mismatches are CheckpointErrors."""
-        path = Path(path)
-        manifest = read_manifest(path)
-        config = RefragConfig(**manifest["config"])
-        if dtype is not None:
-            config.dtype = dtype  # type: ignore[assignment]
-        adapter = manifest["components"].get(ADAPTER)
-        for name in ("encoder", "decoder"):
-            spec = manifest["components"][name]
-            local = path / spec
-            setattr(config, name, str(local) if local.is_dir() else spec)
-        try:
-            state = load_file(str(path / "projector.safetensors"))
-        except Exception as e:  # safetensors raises several types for truncated/corrupt files
-            raise CheckpointError(f"{path}/projector.safetensors is missing or corrupt ({e}).") from e
-        model = cls.from_config(config, progress=progress)
-        expected = (model.decoder.config.hidden_size, model.encoder.config.hidden_size)
-        got = tuple(state.get("fc1.weight", torch.empty(0, 0)).shape)
-        if got != expected:
-            raise CheckpointError(
-                f"{path}: projector maps encoder {got[1:]} -> decoder {got[:1]}, but the loaded encoder/decoder "
-                f"have hidden sizes {expected[1]} / {expected[0]}. Load it with the models it was trained for."
-            )
-        try:
-            model.projector.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}/projector.safetensors does not match the projector: {e}") from e
-        model.projector.to(device=model.decoder.device, dtype=model.decoder.dtype)
-        if adapter is not None:
-            model.attach_adapter(path / adapter)
-        return model
-
-    # ---------------------------------------------------------------- decoder adapter (LoRA)
-    @property
-    def has_adapter(self) -> bool:
-        return hasattr(self.decoder, "disable_adapter")  # a peft model
-
-    def add_lora(self, rank: int) -> None:
-        """Wrap the decoder with a fresh LoRA adapter on every linear layer but the LM head (trainable)."""
-        from peft import LoraConfig, get_peft_model
-
-        if self.has_adapter:
-            raise InputError("the decoder already has an adapter; train it further instead of adding one.")
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
-        with _quiet_peft():
-            self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
-
-    def attach_adapter(self, folder: Path) -> None:
-        """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
-        from peft import PeftModel
-
-        try:
-            with _quiet_peft():
-                self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
-        except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
-            raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
-        self.decoder.to(dtype=self.dtype)
-
-    def merge_adapter(self) -> None:
-        """Inference speed-up: a second copy of the decoder with the adapter merged into its weights, used for
-        compressed inputs. An unmerged LoRA adds ~400 small matmuls to every forward (on 2 CPU cores +0.06-0.1 s
-        per prefill and +15 ms per token, docs/bench/ttft.md). Costs one more decoder's memory; for inference
-        only (the copy does not follow further training of the adapter)."""
-        if self.has_adapter and self.merged_decoder is None:
-            self.merged_decoder = copy.deepcopy(self.decoder).merge_and_unload().requires_grad_(False).eval()
-
-    @contextlib.contextmanager
-    def decoder_for(self, compressed: bool) -> Iterator[PreTrainedModel]:
-        """The decoder module to run. The adapter belongs to REFRAG inputs: text-only inputs (full context, no
-        context) run the original decoder, so baselines and plain RAG stay exactly the decoder's own."""
-        if compressed and self.merged_decoder is not None:
-            yield self.merged_decoder
-        elif self.has_adapter and not compressed:
-            with self.decoder.disable_adapter():
-                yield self.decoder
-        else:
-            yield self.decoder
-
-    # ---------------------------------------------------------------- encoding
     @property
     def device(self) -> torch.device:
         return self.decoder.device
@@ -310,6 +266,12 @@ class RefragModel(nn.Module):
     def k(self) -> int:
         return self.config.k
 
+    @property
+    def hidden_size(self) -> int:
+        """D: the decoder's embedding width (what a chunk vector is projected to)."""
+        return int(self.decoder.config.hidden_size)
+
+    # ---------------------------------------------------------------- 1. encode + project
     def encode_chunks(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Chunk texts -> pooled encoder outputs [N, E] (what an index stores; projection comes later).
 
@@ -344,7 +306,16 @@ class RefragModel(nn.Module):
         """Chunk texts -> [N, D] decoder-space chunk embeddings (encode + project)."""
         return self.project(self.encode_chunks(texts))
 
-    # ---------------------------------------------------------------- decoder inputs
+    # ---------------------------------------------------------------- 3. layouts in this model's space
+    def layout(self, segments: Sequence[Segment]) -> Layout:
+        """``segments_layout`` with this decoder's width and dtype."""
+        return segments_layout(segments, self.hidden_size, self.dtype)
+
+    def scored_layout(self, prefix: Sequence[Segment], target: Sequence[int], *, skip_first: bool = False) -> Layout:
+        """``scored_layout`` with this decoder's width and dtype."""
+        return scored_layout(prefix, target, self.hidden_size, self.dtype, skip_first=skip_first)
+
+    # ---------------------------------------------------------------- 4. decoder inputs
     def build_inputs(self, layouts: Sequence[Layout]) -> DecoderInputs:
         """Embed and left-pad a batch of layouts.
 
@@ -379,7 +350,7 @@ class RefragModel(nn.Module):
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
         """Mean next-token cross-entropy over positions whose label is set (logits only computed there)."""
-        return label_cross_entropy(*self.label_logits(inputs))
+        return mean_nll(*self.label_logits(inputs))
 
     def label_logits(self, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, K, V] and labels [B, K] at the K positions where any example has a label."""
@@ -406,55 +377,48 @@ class RefragModel(nn.Module):
                 use_cache=False,
             ).logits
 
+    # ---------------------------------------------------------------- 5. the decoder adapter (LoRA)
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.decoder, "disable_adapter")  # a peft model
 
-def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits [B, K, V] against labels [B, K] (IGNORE_INDEX skipped), in fp32."""
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    def add_lora(self, rank: int) -> None:
+        """Wrap the decoder with a fresh LoRA adapter on every linear layer but the LM head (trainable)."""
+        from peft import LoraConfig, get_peft_model
 
+        if self.has_adapter:
+            raise InputError("the decoder already has an adapter; train it further instead of adding one.")
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+        with quiet_peft():
+            self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
 
-def start_token(tokenizer) -> int | None:
-    """The token every training / scoring sequence starts with: BOS, else EOS, else None.
+    def attach_adapter(self, folder) -> None:
+        """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
+        from peft import PeftModel
 
-    Decoders use their first position as an attention sink (attention mass parks there, its value is barely
-    read); a chunk vector at position 0 would be ignored, so sequences start with this token instead.
-    """
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return None
+        try:
+            with quiet_peft():
+                self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
+        except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
+            raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
+        self.decoder.to(dtype=self.dtype)
 
+    def merge_adapter(self) -> None:
+        """Inference speed-up: a second copy of the decoder with the adapter merged into its weights, used for
+        compressed inputs. An unmerged LoRA adds ~400 small matmuls to every forward (on 2 CPU cores +0.06-0.1 s
+        per prefill and +15 ms per token, docs/bench/ttft.md). Costs one more decoder's memory; for inference
+        only (the copy does not follow further training of the adapter)."""
+        if self.has_adapter and self.merged_decoder is None:
+            self.merged_decoder = copy.deepcopy(self.decoder).merge_and_unload().requires_grad_(False).eval()
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, T, E] hidden states + [B, T] mask -> [B, E]."""
-    if how == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-@torch.no_grad()
-def embedding_rms(decoder: PreTrainedModel, sample: int = 8192) -> float:
-    """RMS of the decoder's token-embedding rows (as its embedding module outputs them)."""
-    emb = decoder.get_input_embeddings()
-    vocab = emb.weight.shape[0]
-    ids = torch.linspace(0, vocab - 1, min(sample, vocab)).long().to(emb.weight.device)
-    return float(emb(ids).float().pow(2).mean().sqrt())
-
-
-def read_manifest(path: Path) -> dict:
-    """Read and validate a checkpoint manifest."""
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder; a refrag checkpoint is a folder with {MANIFEST}.")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path} has no {MANIFEST}: not a refrag checkpoint (or a half-copied one).") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}/{MANIFEST} is corrupt ({e}); restore it or re-save the model.") from e
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("config"), dict):
-        raise CheckpointError(f"{path}/{MANIFEST} is not a refrag checkpoint manifest.")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} was written by a newer refrag (format {manifest['version']}); upgrade refrag."
-        )
-    return manifest
+    @contextlib.contextmanager
+    def decoder_for(self, compressed: bool) -> Iterator[PreTrainedModel]:
+        """The decoder module to run. The adapter belongs to REFRAG inputs: text-only inputs (full context, no
+        context) run the original decoder, so baselines and plain RAG stay exactly the decoder's own."""
+        if compressed and self.merged_decoder is not None:
+            yield self.merged_decoder
+        elif self.has_adapter and not compressed:
+            with self.decoder.disable_adapter():
+                yield self.decoder
+        else:
+            yield self.decoder

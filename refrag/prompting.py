@@ -1,5 +1,8 @@
 """Prompt layout for RAG: template tokens around the context, context chunks compressed or expanded.
 
+Which chunks are expanded is :mod:`refrag.policy`; how chunks and vectors interleave is
+``modeling.context_segments``. This module only knows the prompt: chat template, question, separators.
+
 ``full`` and ``refrag`` modes build the SAME layout; they differ only in which chunks are vectors (and in the
 passage separators, which only sit between raw chunks). With every chunk expanded the decoder sees exactly the
 plain-RAG token sequence (the parity test checks this).
@@ -7,7 +10,6 @@ plain-RAG token sequence (the parity test checks this).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +17,8 @@ import torch
 from jinja2 import TemplateError
 
 from refrag.chunking import Passage
-from refrag.config import CompressionOptions
 from refrag.errors import InputError
-from refrag.modeling import Layout, RefragModel, segments_layout
+from refrag.modeling import Layout, RefragModel, context_segments
 
 _CTX, _Q = "\x00CONTEXT\x00", "\x00QUESTION\x00"
 INSTRUCTION = "Answer the question using the context. Reply with a short answer."
@@ -72,63 +73,16 @@ def _render_chat(tokenizer, content: str) -> str:
     raise InputError("the tokenizer's chat template rejected a plain user message.")
 
 
-def choose_expanded(
-    num_chunks: int,
-    options: CompressionOptions,
-    *,
-    chunk_encodings: torch.Tensor | None = None,
-    question_encoding: torch.Tensor | None = None,
-) -> set[int]:
-    """Indices of chunks to keep as raw tokens: all in full mode, round(p * L) of them in refrag mode.
-
-    Strategies without a learned policy: ``similarity`` (cosine between the question's and the chunks'
-    encoder vectors, highest first), ``random`` (seeded), ``first``, ``last``.
-    """
-    if options.mode == "full":
-        return set(range(num_chunks))
-    n = round(options.expand_fraction * num_chunks)
-    if n == 0:
-        return set()
-    if options.expand_strategy == "first":
-        return set(range(n))
-    if options.expand_strategy == "last":
-        return set(range(num_chunks - n, num_chunks))
-    if options.expand_strategy == "random":
-        return set(random.Random(options.seed).sample(range(num_chunks), n))
-    if chunk_encodings is None or question_encoding is None:
-        raise InputError("similarity expansion needs chunk and question encodings.")
-    scores = torch.nn.functional.cosine_similarity(
-        chunk_encodings.float(), question_encoding.float().reshape(1, -1), dim=-1
-    )  # [L]
-    return set(scores.topk(n).indices.tolist())
-
-
-def context_layout(
+def rag_layout(
     model: RefragModel,
     template: PromptTemplate,
     question_ids: Sequence[int],
     passages: Sequence[Passage],
-    chunk_vectors: torch.Tensor | None,
+    vectors: torch.Tensor | None,
     expanded: set[int],
 ) -> Layout:
-    """Layout: prefix, passages (chunks in order), question and suffix.
-
-    A separator goes between two passages only where both neighbouring chunks are raw tokens: compressed
-    chunks follow each other directly, as in training (contiguous text, one vector per chunk), and save a
-    position per passage. With every chunk expanded this is exactly the plain-RAG prompt.
-    chunk_vectors: [L, D] projected vectors for all chunks of all passages in order (None in full mode).
-    """
-    segments: list[Sequence[int] | torch.Tensor] = [template.prefix_ids]
-    index = 0
-    for p, passage in enumerate(passages):
-        if p and index - 1 in expanded and index in expanded:
-            segments.append(template.separator_ids)
-        for chunk in passage.chunks:
-            if index in expanded:
-                segments.append(chunk.token_ids)
-            else:
-                assert chunk_vectors is not None, "compressed chunks need chunk vectors"
-                segments.append(chunk_vectors[index : index + 1])
-            index += 1
-    segments.append(question_ids)
-    return segments_layout(segments, model.decoder.config.hidden_size, model.dtype)
+    """Layout: prefix, passages (``context_segments``: chunks in order, separators between raw passages),
+    question and suffix. vectors: [V, D] projected vectors of the compressed chunks, in order (None in full
+    mode). With every chunk expanded this is exactly the plain-RAG prompt."""
+    context = context_segments([p.chunks for p in passages], expanded, vectors, template.separator_ids)
+    return model.layout([template.prefix_ids, *context, question_ids])

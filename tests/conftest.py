@@ -97,3 +97,12 @@ def add_random_lora(model: RefragModel, rank: int = 4) -> RefragModel:
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     return model
+
+
+def with_trained_lora(tmp_path) -> RefragModel:
+    """A tiny model whose decoder lives in a folder (so a checkpoint can reference it) + a non-zero adapter."""
+    model = tiny_refrag("llama")
+    model.decoder.save_pretrained(tmp_path / "dec")
+    model.tokenizer.save_pretrained(tmp_path / "dec")
+    model.config.decoder = str(tmp_path / "dec")
+    return add_random_lora(model)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from refrag import checkpoint
 from refrag.config import CompressionOptions, RefragConfig, SamplingOptions
 from refrag.generate import Request, generate
-from refrag.modeling import RefragModel
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +18,7 @@ CONTEXT = (
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(2)
-    return RefragModel.from_config(RefragConfig(), progress=False)
+    return checkpoint.from_config(RefragConfig(), progress=False)
 
 
 def test_full_context_answer_reads_the_context(model):

@@ -1,14 +1,22 @@
-import json
-import warnings
 
 import pytest
 import torch
-from conftest import add_random_lora, tiny_refrag
+from conftest import tiny_refrag, with_trained_lora
 
 from refrag.config import RefragConfig
-from refrag.errors import CheckpointError, InputError
-from refrag.loading import load_model
-from refrag.modeling import IGNORE_INDEX, Layout, Projector, RefragModel, embedding_rms, segments_layout
+from refrag.errors import InputError
+from refrag.modeling import (
+    IGNORE_INDEX,
+    Layout,
+    Projector,
+    RefragModel,
+    context_segments,
+    embedding_rms,
+    mean_nll,
+    scored_layout,
+    segments_layout,
+    token_nll,
+)
 
 
 def _random_ids(model, n, seed=0):
@@ -85,61 +93,8 @@ def test_loss_only_counts_labelled_positions(model):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_save_load_round_trip(tmp_path):
-    model = tiny_refrag("llama")
-    with torch.no_grad():
-        model.projector.gain.mul_(1.5)
-    path = model.save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
-    assert sorted(p.name for p in path.iterdir()) == ["decoder", "encoder", "projector.safetensors", "refrag.json"]
-    loaded = RefragModel.load(path, dtype="float32", progress=False)
-    texts = ["Paris is the capital", "of France."]
-    torch.testing.assert_close(loaded.embed_chunks(texts), model.embed_chunks(texts))
-    assert loaded.k == model.k and not list(tmp_path.glob(".ckpt.tmp-*"))
-
-
-def test_corrupt_checkpoints_give_clear_errors(tmp_path):
-    model = tiny_refrag("llama")
-    good = model.save(tmp_path / "good", save_encoder=True, save_decoder=True)
-    with pytest.raises(CheckpointError, match="not a folder"):
-        RefragModel.load(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no refrag.json"):
-        RefragModel.load(tmp_path / "empty")
-    (good / "refrag.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt"):
-        RefragModel.load(good)
-
-
-def test_projector_shape_mismatch_is_rejected(tmp_path):
-    path = tiny_refrag("llama").save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
-    manifest = json.loads((path / "refrag.json").read_text())
-    (path / "projector.safetensors").write_bytes(b"truncated")
-    with pytest.raises(CheckpointError, match="projector.safetensors"):
-        RefragModel.load(path, progress=False)
-    from safetensors.torch import save_file
-
-    save_file({k: torch.zeros(3, 3) for k in ("fc1.weight",)}, str(path / "projector.safetensors"))
-    with pytest.raises(CheckpointError, match="hidden sizes"):
-        RefragModel.load(path, progress=False)
-    assert manifest["encoder_hidden"] == 32
-
-
-def test_fp16_config_is_refused():
-    with pytest.raises(InputError, match="fp16"):
-        RefragConfig(dtype="float16")  # type: ignore[arg-type]
-
-
-def _with_trained_lora(tmp_path) -> RefragModel:
-    """A tiny model whose decoder lives in a folder (so a checkpoint can reference it) + a non-zero adapter."""
-    model = tiny_refrag("llama")
-    model.decoder.save_pretrained(tmp_path / "dec")
-    model.tokenizer.save_pretrained(tmp_path / "dec")
-    model.config.decoder = str(tmp_path / "dec")
-    return add_random_lora(model)
-
-
 def test_lora_adapter_applies_to_compressed_inputs_only(tmp_path):
-    model = _with_trained_lora(tmp_path)
+    model = with_trained_lora(tmp_path)
     plain = tiny_refrag("llama")  # the same decoder weights, no adapter
     text = model.build_inputs([segments_layout([[2, 5, 6, 7]], 64, torch.float32)])
     assert not text.compressed
@@ -151,7 +106,7 @@ def test_lora_adapter_applies_to_compressed_inputs_only(tmp_path):
 
 
 def test_merged_adapter_gives_the_adapter_logits_and_leaves_text_inputs_alone(tmp_path):
-    model = _with_trained_lora(tmp_path)
+    model = with_trained_lora(tmp_path)
     text = model.build_inputs([segments_layout([[2, 5, 6, 7]], 64, torch.float32)])
     mixed = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])
     before = model.decoder_logits(text), model.decoder_logits(mixed)
@@ -163,35 +118,46 @@ def test_merged_adapter_gives_the_adapter_logits_and_leaves_text_inputs_alone(tm
         assert decoder is model.merged_decoder
 
 
-def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
-    model = _with_trained_lora(tmp_path)
-    with pytest.raises(InputError, match="adapter alone"):
-        model.save(tmp_path / "bad", save_decoder=True)
-    assert not (tmp_path / "bad").exists()
-    path = model.save(tmp_path / "ckpt", save_encoder=True)
-    assert (path / "decoder_adapter" / "adapter_model.safetensors").is_file()
-    assert not (path / "decoder_adapter" / "README.md").exists()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)  # peft's deprecation noise is silenced
-        loaded = RefragModel.load(path, dtype="float32", progress=False)
-    assert loaded.has_adapter
-    inputs = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])
-    torch.testing.assert_close(loaded.decoder_logits(inputs), model.decoder_logits(inputs))
-    (path / "decoder_adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
-    with pytest.raises(CheckpointError, match="adapter"):
-        RefragModel.load(path, progress=False)
+def test_context_segments_is_the_one_interleaving():
+    from refrag.chunking import Chunk
+
+    chunks = [Chunk((10 + i, 20 + i), f"c{i}") for i in range(4)]
+    vectors = torch.randn(2, 8)
+    segments = context_segments([chunks[:2], chunks[2:]], {1, 2}, vectors, separator=(99,))
+    assert [s.tolist() if isinstance(s, torch.Tensor) else list(s) for s in segments] == [
+        vectors[:1].tolist(), [11, 21], [99], [12, 22], vectors[1:].tolist()]
+    assert context_segments([chunks], set(range(4)), None) == [c.token_ids for c in chunks]
+    with pytest.raises(InputError, match="no chunk vector"):
+        context_segments([chunks], {0}, vectors)
+    with pytest.raises(InputError, match="2 chunk vectors for 1"):
+        context_segments([chunks], {0, 1, 2}, vectors)
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_load_model_merges_the_adapter_only_when_asked(tmp_path, merge):
-    path = _with_trained_lora(tmp_path).save(tmp_path / "ckpt", save_encoder=True)
-    loaded = load_model(path, dtype="float32", progress=False, merge=merge)
-    assert loaded.has_adapter and (loaded.merged_decoder is not None) == merge
+def test_scored_layout_puts_the_first_target_after_the_prefix():
+    layout = scored_layout([[1, 2], torch.zeros(1, 4)], [7, 8, 9], 4, torch.float32)
+    assert layout.token_ids.tolist() == [1, 2, 0, 7, 8]
+    assert layout.labels.tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, 8, 9]
+    skipped = scored_layout([[1]], [7, 8], 4, torch.float32, skip_first=True)
+    assert skipped.labels.tolist() == [IGNORE_INDEX, 8]
+    assert scored_layout([], [7, 8, 9], 4, torch.float32, skip_first=True).labels.tolist() == [8, 9]
+    with pytest.raises(InputError, match="skip_first"):
+        scored_layout([], [7, 8], 4, torch.float32)
 
 
-@pytest.mark.parametrize("progress", [False, True])
-def test_loading_bars_follow_progress(tmp_path, capfd, progress):
-    path = tiny_refrag("llama").save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
-    capfd.readouterr()
-    RefragModel.load(path, dtype="float32", progress=progress)
-    assert ("Loading weights" in capfd.readouterr().err) is progress
+def test_token_nll_is_cross_entropy_on_labelled_positions():
+    logits, labels = torch.randn(2, 3, 11), torch.tensor([[1, IGNORE_INDEX, 4], [IGNORE_INDEX, 2, 3]])
+    nll, mask = token_nll(logits, labels)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    torch.testing.assert_close(nll.flatten(), ref)
+    assert mask.tolist() == [[True, False, True], [False, True, True]]
+    torch.testing.assert_close(mean_nll(logits, labels),
+                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+
+
+def test_the_model_does_not_change_the_callers_config(model):
+    from conftest import make_tokenizer, tiny_decoder, tiny_encoder
+
+    config = RefragConfig(decoder="d", encoder="e", k=4, dtype="float32")
+    tok = make_tokenizer()
+    built = RefragModel(config, tiny_encoder(len(tok)), tok, tiny_decoder("llama", len(tok)), tok)
+    assert config.target_rms is None and built.config.target_rms is not None

@@ -2,8 +2,7 @@ import tomllib
 from pathlib import Path
 
 import refrag
-from refrag.loading import DEFAULT_CHECKPOINT
-from refrag.modeling import MANIFEST
+from refrag.checkpoint import DEFAULT_CHECKPOINT, MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from refrag.bench.machine import machine_info
 from refrag.chunking import make_passage
 from refrag.config import CompressionOptions, SamplingOptions
@@ -90,13 +88,6 @@ def context_request(model: RefragModel, s: int, passage_tokens: int = 256, text:
     return Request(question=QUESTION, passages=passages)
 
 
-def with_cached_vectors(model: RefragModel, request: Request) -> Request:
-    """The same request with its chunk encoder outputs precomputed (what an index stores)."""
-    with torch.inference_mode():
-        encoded = tuple(model.encode_chunks([c.text for c in p.chunks]) for p in request.passages)
-    return Request(request.question, request.passages, encoded)
-
-
 def _run(model: RefragModel, requests: Sequence[Request], mode: str, new_tokens: int) -> Answer:
     return generate(
         model,
@@ -126,7 +117,7 @@ def bench_ttft(
     bar = tqdm(total=len(lengths) * repeats * 3, desc="bench ttft", disable=not progress)
     for s in lengths:
         plain = context_request(model, s)
-        cached = with_cached_vectors(model, plain)
+        cached = plain.with_encodings(model)
         runs: dict[str, list[Answer]] = {"full": [], "cached": [], "uncached": []}
         for _ in range(repeats):  # interleaved, so noise hits the three paths alike
             for name, request, mode in (("full", plain, "full"), ("cached", cached, "refrag"), ("uncached", plain, "refrag")):
@@ -161,7 +152,7 @@ def bench_ttft(
 def bench_throughput(model: RefragModel, s: int, batch: int, new_tokens: int) -> ThroughputRow:
     """Generated tokens per second for a batch of questions (whole call: prefill + decode)."""
     plain = context_request(model, s)
-    cached = with_cached_vectors(model, plain)
+    cached = plain.with_encodings(model)
     tps = {}
     for mode, request in (("full", plain), ("refrag", cached)):
         answer = _run(model, [request] * batch, mode, new_tokens)

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from refrag.cli import bench, generate, index, models, train
+from refrag.cli import ask, bench, generate, index, models, train
 from refrag.cli import eval as eval_cli
 from refrag.errors import RefragError
 
@@ -20,12 +20,10 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(index.app, name="index")
 app.add_typer(train.app, name="train")
 app.add_typer(eval_cli.app, name="eval")
-eval_cli.app.command("reconstruction")(train.eval_reconstruction_cmd)
 app.command("generate")(generate.generate_cmd)
-app.command("search")(index.search_cmd)
-app.command("ask")(index.ask_cmd)
+app.command("search")(ask.search_cmd)
+app.command("ask")(ask.ask_cmd)
 app.command("report")(eval_cli.report_cmd)
-bench.app.command("index")(index.bench_index_cmd)
 
 
 def main() -> None:

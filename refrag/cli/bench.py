@@ -9,32 +9,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, K, print_json, setup_torch
+from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one process).")
 
 
 @app.command("ttft")
+@model_options()
 def ttft_cmd(
-    model: Checkpoint = None,
-    decoder: Decoder = DEFAULTS["decoder"],
-    encoder: Encoder = DEFAULTS["encoder"],
-    k: K = 16,
-    dtype: DType = "bfloat16",
     lengths: Annotated[str, typer.Option(help="comma-separated context lengths")] = "512,1024,2048,4096,8000",
     repeats: Annotated[int, typer.Option(help="timed runs per path and length (median)")] = 3,
     batch: Annotated[int, typer.Option(help="batch size for the throughput row (0: skip)")] = 8,
     throughput_s: Annotated[int, typer.Option(help="context length for the throughput row")] = 2048,
     plot: Annotated[Path | None, typer.Option(help="also write a PNG plot of TTFT vs context length here")] = None,
     json_out: Json = False,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """TTFT of full context vs REFRAG (cached and uncached chunk vectors), TTIT, throughput, KV bytes."""
     setup_torch()
     from refrag.bench.ttft import bench_ttft, plot_ttft
-    from refrag.loading import load_model
 
     sizes = [int(x) for x in lengths.split(",") if x.strip()]
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
+    m = choice.load(progress=not json_out)
     report = bench_ttft(m, sizes, repeats=repeats, throughput_batch=batch, throughput_s=throughput_s,
                         progress=not json_out)
     if plot is not None:
@@ -60,3 +57,41 @@ def ttft_cmd(
                       f"refrag {t.tokens_per_s_refrag:.1f} tok/s ({t.ratio:.1f}x)")
     if plot is not None:
         console.print(f"plot: {plot}")
+
+
+@app.command("index")
+@model_options()
+def index_cmd(
+    corpus: Annotated[list[Path] | None, typer.Argument(help="corpus files (default: the offline Wikipedia)")] = None,
+    out: Annotated[Path, typer.Option(help="index folder")] = Path("~/.cache/refrag/indexes/wiki"),
+    reuse: Annotated[bool, typer.Option(help="reuse the index at --out (its recorded build stats)")] = False,
+    recall: Annotated[Path | None, typer.Option(help="QA .jsonl (question, context): recall@1/@5")] = None,
+    store_kind: Annotated[str, typer.Option(help="faiss index: flat (exact), hnsw or ivfpq (large corpora)")] = "flat",
+    threads: Annotated[int, typer.Option(help="torch threads (the reference machine has 2 cores)")] = 2,
+    json_out: Json = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Index build throughput, retrieval latency, TTFT full vs refrag, disk bytes (and recall)."""
+    setup_torch()
+    import torch
+
+    from refrag.bench.index import bench_index, bench_recall, report_json
+    from refrag.index import Index, IndexOptions, StoreOptions, wiki_corpus
+    from refrag.models import cache_root
+
+    torch.set_num_threads(threads)
+    out = out.expanduser()
+    if not corpus:
+        wiki = cache_root() / "data" / "wiki_vital_summaries_en.jsonl"
+        corpus = [wiki if wiki.exists() else wiki_corpus(wiki)]
+    m = choice.load(progress=not json_out, merge=False)
+    options = IndexOptions(store=StoreOptions(kind=store_kind))  # type: ignore[arg-type]
+    report = report_json(bench_index(corpus, out, m, options, reuse=reuse, progress=not json_out))
+    if recall is not None:
+        report["recall"] = report_json(bench_recall(recall, Index.open(out).retriever, progress=not json_out))
+    if json_out:
+        print_json(report)
+        return
+    for key, value in report.items():
+        typer.echo(f"{key:>22}: {value}")

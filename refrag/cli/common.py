@@ -1,28 +1,112 @@
-"""Options and helpers shared by CLI commands (model selection, JSON output)."""
+"""Options shared by CLI commands, declared once: model selection (``--model/--decoder/--encoder/--k/--dtype``)
+as one reusable group that hands the command a typed :class:`ModelChoice`, plus JSON output and torch set-up.
+
+An option group is a decorator: it adds its flags to the command's signature (what typer reads) and passes
+the command one typed object built from them, so a command's own parameters are only its own options.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
 
-from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER
+from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K
 
+Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 Checkpoint = Annotated[
     str | None, typer.Option("--model", "-m", help="refrag checkpoint folder (default: the shipped compressor)")
 ]
-Decoder = Annotated[str, typer.Option(help="decoder: built-in name, folder or Hugging Face id")]
-Encoder = Annotated[str, typer.Option(help="chunk encoder: built-in name, folder or Hugging Face id")]
-K = Annotated[int, typer.Option("--k", help="decoder tokens per compressed chunk")]
+Decoder = Annotated[str | None, typer.Option(
+    help=f"decoder: built-in name, folder or Hugging Face id (default: {DEFAULT_DECODER}, or the checkpoint's / "
+         "the index's)", show_default=False)]
+Encoder = Annotated[str | None, typer.Option(
+    help=f"chunk encoder: built-in name, folder or Hugging Face id (default: {DEFAULT_ENCODER}, or the "
+         "checkpoint's / the index's)", show_default=False)]
+K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compressed chunk (default: {DEFAULT_K}, "
+                                                   "or the checkpoint's / the index's)", show_default=False)]
 DType = Annotated[str, typer.Option(help="bfloat16 (fast on CPUs with AMX) or float32")]
-Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 
-DEFAULTS = {"decoder": DEFAULT_DECODER, "encoder": DEFAULT_ENCODER}
+
+def flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def option_group(target: str, build: Callable[..., Any], params: tuple[inspect.Parameter, ...]):
+    """A decorator adding ``params`` to a command's flags; the command receives ``build(**values)`` as ``target``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(fn, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != target]
+
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {p.name: kwargs.pop(p.name, p.default) for p in params}
+            return fn(*args, **kwargs, **{target: build(**values)})
+
+        command.__signature__ = signature.replace(parameters=[*own, *params])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the user asked for: a checkpoint, or decoder + encoder + k (None: the default, or the checkpoint's /
+    the index's)."""
+
+    checkpoint: str | None = None
+    decoder: str | None = None
+    encoder: str | None = None
+    k: int | None = None
+    dtype: str = "bfloat16"
+
+    def load(self, *, progress: bool = True, merge: bool = True):
+        """The RefragModel (``refrag.load_model``)."""
+        from refrag.checkpoint import load_model
+
+        return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
+                          progress=progress, merge=merge)
+
+    def for_index(self, index) -> ModelChoice:
+        """Unset parts taken from what built ``index``: the checkpoint whose fine-tuned encoder it stores, else
+        its recorded decoder, chunk encoder and k."""
+        from pathlib import Path
+
+        from refrag.checkpoint import MANIFEST
+
+        if self.checkpoint is not None:
+            return self
+        key = index.manifest.model
+        built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
+        if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
+            return ModelChoice(str(built_from), dtype=self.dtype)
+        return ModelChoice(None, self.decoder or index.manifest.decoder, self.encoder or key.chunk_encoder,
+                           self.k or key.k, self.dtype)
+
+
+def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True):
+    """The model-selection flags as one group (a command receives ``choice: ModelChoice``); ``k=False`` for a
+    command that declares its own ``--k`` (several compression rates), ``checkpoint=False`` where ``--init``
+    names the checkpoint."""
+    params = [flag("decoder", Decoder, None), flag("encoder", Encoder, None)]
+    params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
+    params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
+
+    def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
+              k: int | None = None, dtype: str = "bfloat16") -> ModelChoice:
+        return ModelChoice(model, decoder, encoder, k, dtype)
+
+    return option_group("choice", build, tuple(params))
 
 
 def setup_torch() -> None:
-    """Quiet third-party logs; use every core (2 on the reference machine)."""
+    """Quiet third-party logs (refrag shows its own progress)."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

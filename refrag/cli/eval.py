@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, print_json, setup_torch
+from refrag.cli.common import Checkpoint, Json, ModelChoice, model_options, print_json, setup_torch
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate quality (perplexity, QA).")
 
@@ -17,6 +17,7 @@ Seed = Annotated[int, typer.Option("--seed", help="example selection seed")]
 
 
 @app.command("perplexity")
+@model_options(k=False)
 def perplexity_cmd(
     data: Annotated[
         list[str],
@@ -24,7 +25,8 @@ def perplexity_cmd(
     ],
     s: Annotated[int, typer.Option("--s", help="context tokens")] = 512,
     o: Annotated[int, typer.Option("--o", help="output tokens scored")] = 128,
-    k: Annotated[list[int] | None, typer.Option("--k", help="compression rate(s) (repeatable)")] = None,
+    k: Annotated[list[int] | None, typer.Option("--k", help="compression rate(s) (repeatable; the first is the "
+                                                          "model's k, default 16 or the checkpoint's)")] = None,
     limit: Limit = 200,
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(help="examples per forward")] = 4,
@@ -33,29 +35,26 @@ def perplexity_cmd(
                                                "(and truncated at its positions)")] = 0.0,
     expand_strategy: Annotated[str, typer.Option(help="which chunks stay raw: last or random")] = "last",
     out: Out = None,
-    model: Checkpoint = None,
-    decoder: Decoder = DEFAULTS["decoder"],
-    encoder: Encoder = DEFAULTS["encoder"],
-    dtype: DType = "bfloat16",
     json_out: Json = False,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """Log-perplexity of o output tokens after s context tokens: no context, full, truncated, REFRAG_k."""
     setup_torch()
     import itertools
+    from dataclasses import replace
 
     from refrag.eval.perplexity import PerplexityOptions, evaluate_perplexity, extract_examples
     from refrag.io import write_json_atomic, write_jsonl_atomic
-    from refrag.loading import load_model
     from refrag.train.data import iter_documents
 
-    ks = tuple(k or [16])
-    options = PerplexityOptions(s=s, o=o, ks=ks, limit=limit, seed=seed, batch_size=batch_size, expand=expand,
-                                expand_strategy=expand_strategy)  # type: ignore[arg-type]
-    m = load_model(model, decoder=decoder, encoder=encoder, k=ks[0], dtype=dtype, progress=not json_out)
+    m = replace(choice, k=k[0] if k else None).load(progress=not json_out)
+    options = PerplexityOptions(s=s, o=o, ks=tuple(k or [m.k]), limit=limit, seed=seed, batch_size=batch_size,
+                                expand=expand, expand_strategy=expand_strategy)  # type: ignore[arg-type]
     docs = itertools.chain.from_iterable(iter_documents(src, text_field) for src in data)
     examples = extract_examples(docs, m.tokenizer, s, o, limit, seed)
     result = evaluate_perplexity(m, examples, options)
-    summary = {**result.summary(), "model": model or "default", "data": list(data)}
+    summary = {**result.summary(), "model": choice.checkpoint or "default", "data": list(data)}
     if out is not None:
         write_json_atomic(out / "summary.json", summary)
         write_jsonl_atomic(out / "examples.jsonl", result.rows())
@@ -70,6 +69,7 @@ def perplexity_cmd(
 
 
 @app.command("qa")
+@model_options()
 def qa_cmd(
     data: Annotated[Path, typer.Option("--data", help="question/answer JSONL")],
     modes: Annotated[
@@ -89,12 +89,9 @@ def qa_cmd(
     limit: Limit = 300,
     seed: Seed = 0,
     out: Out = None,
-    model: Checkpoint = None,
-    decoder: Decoder = DEFAULTS["decoder"],
-    encoder: Encoder = DEFAULTS["encoder"],
-    k: Annotated[int, typer.Option("--k", help="decoder tokens per compressed chunk")] = 16,
-    dtype: DType = "bfloat16",
     json_out: Json = False,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """Exact match, token F1, answer-contained and median TTFT per mode."""
     setup_torch()
@@ -102,36 +99,17 @@ def qa_cmd(
 
     from refrag.eval.qa import QAFields, QAOptions, evaluate_qa, load_qa, parse_modes
     from refrag.io import write_json_atomic, write_jsonl_atomic
-    from refrag.loading import load_model
 
     options = QAOptions(parse_modes(modes), passages=passages, max_new_tokens=max_new_tokens, seed=seed)
     fields = QAFields(question=question_field, answer=answer_field, context=context_field)
     examples = load_qa(data, fields, limit=limit, seed=seed, counterfactual=counterfactual)
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
-    pipeline = compressor = None
-    if index is not None:
-        from refrag.index import Index
-        from refrag.pipeline import Pipeline
-
-        pipeline = Pipeline(Index.open(index), m)
-    if any(mode.kind == "llmlingua" for mode in options.modes):
-        from refrag.eval.llmlingua_baseline import LLMLinguaCompressor
-        from refrag.models import resolve
-
-        compressor = LLMLinguaCompressor(str(resolve(decoder).path), m.tokenizer)
+    m = choice.load(progress=not json_out)
+    pipeline, compressor = _qa_helpers(m, index, options, choice)
     summaries, records = evaluate_qa(m, examples, options, pipeline=pipeline, compressor=compressor)
     rows = [asdict(s) for s in summaries]
     if out is not None:
-        write_json_atomic(
-            out / "summary.json",
-            {
-                "modes": rows,
-                "data": str(data),
-                "counterfactual": counterfactual,
-                "model": model or "default",
-                "seed": seed,
-            },
-        )
+        write_json_atomic(out / "summary.json", {"modes": rows, "data": str(data), "counterfactual": counterfactual,
+                                                 "model": choice.checkpoint or "default", "seed": seed})
         write_jsonl_atomic(out / "examples.jsonl", (asdict(r) for r in records))
     if json_out:
         print_json(rows)
@@ -142,6 +120,54 @@ def qa_cmd(
             f"{s.mode:<12} n={s.n} passages={s.passages} EM {s.em:.3f}  F1 {s.f1:.3f}  contains {s.contains:.3f}"
             f"{memory}  TTFT p50 {s.ttft_p50_s * 1e3:.0f} ms  positions {s.decoder_positions:.0f}"
         )
+
+
+def _qa_helpers(model, index: Path | None, options, choice: ModelChoice):
+    """The retrieval pipeline (with --index) and the LLMLingua compressor (for its mode), else None."""
+    pipeline = compressor = None
+    if index is not None:
+        from refrag.index import Index
+        from refrag.pipeline import Pipeline
+
+        pipeline = Pipeline(Index.open(index), model)
+    if any(mode.kind == "llmlingua" for mode in options.modes):
+        from refrag.eval.llmlingua_baseline import LLMLinguaCompressor
+        from refrag.models import resolve
+
+        compressor = LLMLinguaCompressor(str(resolve(choice.decoder or model.config.decoder).path), model.tokenizer)
+    return pipeline, compressor
+
+
+@app.command("reconstruction")
+@model_options()
+def reconstruction_cmd(
+    data: Annotated[str, typer.Option(help="held-out text (.txt/.jsonl) the compressor never trained on")] =
+        "../shared/data/wiki_paragraph_segmentation_en.txt",
+    max_chunks: Annotated[int, typer.Option(help="longest context in chunks (rows 1, 2, 4, .. max)")] = 8,
+    examples: Annotated[int, typer.Option(help="examples per number of chunks")] = 32,
+    seed: Seed = 0,
+    json_out: Json = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Reconstruction quality by number of chunks: token accuracy and log-perplexity."""
+    setup_torch()
+    from rich.console import Console
+    from rich.table import Table
+
+    from refrag.eval.reconstruction import eval_reconstruction
+
+    m = choice.load(progress=not json_out)
+    report = eval_reconstruction(m, data, max_chunks=max_chunks, examples=examples, seed=seed, progress=not json_out)
+    if json_out:
+        print_json(report.to_json())
+        return
+    table = Table(title=f"reconstruction, k={report.k}, {report.examples} held-out examples per row ({data})")
+    for col in ("chunks", "tokens", "log-ppl", "token accuracy"):
+        table.add_column(col, justify="right")
+    for r in report.rows:
+        table.add_row(f"{r.chunks}x{report.k}", str(r.tokens), f"{r.log_ppl:.3f}", f"{r.accuracy:.3f}")
+    Console().print(table)
 
 
 def report_cmd(

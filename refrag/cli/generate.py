@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import DEFAULTS, Checkpoint, Decoder, DType, Encoder, Json, K, print_json, setup_torch
+from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
 from refrag.errors import InputError
 
 
@@ -25,6 +25,7 @@ def read_context_files(paths: list[Path]) -> list[str]:
     return texts
 
 
+@model_options()
 def generate_cmd(
     context: Annotated[list[Path], typer.Option("--context", "-c", help="context text file(s)")],
     question: Annotated[str, typer.Option("--question", "-q", help="the question")],
@@ -35,23 +36,19 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-    model: Checkpoint = None,
-    decoder: Decoder = DEFAULTS["decoder"],
-    encoder: Encoder = DEFAULTS["encoder"],
-    k: K = 16,
-    dtype: DType = "bfloat16",
     json_out: Json = False,
+    *,
+    choice: ModelChoice,
 ) -> None:
     """Answer QUESTION from the context files; streams the answer, then prints timings."""
     setup_torch()
     from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
     from refrag.generate import Request, generate
-    from refrag.loading import load_model
 
     compression = CompressionOptions(mode=mode, expand_fraction=expand_fraction)  # type: ignore[arg-type]
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
     texts = read_context_files(context)
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
+    m = choice.load(progress=not json_out)
     request = Request.from_texts(question, texts, m.tokenizer, ChunkingOptions(k=m.k))
     stream = None if json_out else (lambda _row, text: typer.echo(text, nl=False))
     answer = generate(m, [request], compression=compression, sampling=sampling, on_text=stream)[0]

@@ -1,27 +1,25 @@
-"""`refrag train reconstruct|cpt|mixed` (the paper's stages, in order) and `refrag eval reconstruction`."""
+"""`refrag train reconstruct|cpt|mixed|export`: the paper's stages, in order.
+
+Each command builds the typed options of its stage (``StageOptions``) from its own flags; the flags every stage
+shares are option groups declared once (data, optimisation), and the stage's facts (what it starts from, the
+paper's learning rate) live with its recipe in ``refrag/train/``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from refrag.cli.common import DEFAULTS, Decoder, DType, Encoder, Json, K, print_json, setup_torch
+from refrag.cli.common import ModelChoice, flag, model_options, option_group, setup_torch
 
 app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed.")
 
 TRAINING_DATA = ("../shared/data/wiki_vital_summaries_en.jsonl,../shared/data/sotu.txt,"
                  "../shared/data/moby_dick.txt")
 
-Data = Annotated[list[str], typer.Option("--data", help="training text: .txt/.jsonl files, folders, hf:NAME[:CONFIG]"
-                                        " (repeat or comma-separate)")]
-Out = Annotated[Path, typer.Option("--out", "-o", help="output folder (checkpoint/, final/, metrics.csv)")]
-Init = Annotated[str | None, typer.Option(help="checkpoint of the previous stage to start from")]
-Steps = Annotated[int, typer.Option(help="optimizer steps")]
-Batch = Annotated[int, typer.Option(help="examples per optimizer step")]
-Micro = Annotated[int, typer.Option(help="examples per forward/backward (gradient accumulation)")]
-LR = Annotated[float | None, typer.Option(help="peak learning rate (default: the paper's for the stage)")]
+Init = Annotated[str, typer.Option(help="checkpoint of the previous stage to start from (its final/ folder)")]
 MaxChunks = Annotated[int, typer.Option(help="longest context in chunks (s = max_chunks * k)")]
 Curriculum = Annotated[bool, typer.Option(help="Table 8 curriculum (--no-curriculum: the paper's ablation)")]
 Cont = Annotated[int, typer.Option(help="o: continuation tokens to predict")]
@@ -33,129 +31,125 @@ TrainDecoder = Annotated[str, typer.Option(help="frozen, full (all decoder param
 TrainEncoder = Annotated[bool, typer.Option(help="train the encoder (--no-train-encoder: it stays as the previous "
                                                  "stage left it; the projector still trains)")]
 LoraRank = Annotated[int, typer.Option(help="rank of the decoder's LoRA adapter (--train-decoder lora)")]
-MaxTokens = Annotated[int, typer.Option(help="tokens read per data source")]
 Seed = Annotated[int, typer.Option(help="seed: data order, windows, held-out set")]
-EvalEvery = Annotated[int, typer.Option(help="steps between held-out evaluations")]
-SaveEvery = Annotated[int, typer.Option(help="steps between checkpoints")]
-Resume = Annotated[bool, typer.Option(help="continue exactly from OUT/checkpoint")]
-GradCkpt = Annotated[bool, typer.Option(help="gradient checkpointing (less memory, ~30% slower)")]
-BF16 = Annotated[bool, typer.Option(help="bf16 autocast over fp32 master weights")]
-StopAfter = Annotated[int | None, typer.Option(help="stop (with a checkpoint) after this many steps; the schedule "
-                                                    "still spans --steps (time boxes, same-step ablations)")]
-
-PAPER_LR = {"reconstruct": 2e-4, "cpt": 5e-5, "mixed": 5e-5}
 
 
-def _run(stage: str, *, data: list[str], out: Path, init: str | None, decoder: str, encoder: str, k: int,
-         steps: int, batch_size: int, micro_batch_size: int, lr: float | None, max_chunks: int, curriculum: bool,
-         continuation_tokens: int, expand_fraction: float, train_decoder: str, max_tokens: int, seed: int,
-         lora_rank: int = 8, distill: float = 0.0, train_encoder: bool = True,
-         eval_every: int, save_every: int, resume: bool, gradient_checkpointing: bool, bf16: bool,
-         stop_after: int | None = None) -> None:
-    """One stage from the CLI: each command passes its own options (``**locals()``) plus the ones it fixes."""
+def _data_group():
+    """--data / --max-tokens -> DataOptions."""
+    def build(data: list[str], max_tokens: int):
+        from refrag.train.data import DataOptions, read_sources
+
+        return DataOptions(sources=read_sources(data), max_tokens_per_source=max_tokens)
+
+    return option_group("data", build, (
+        flag("data", Annotated[list[str], typer.Option(
+            "--data", help="training text: .txt/.jsonl files, folders, hf:NAME[:CONFIG] (repeat or comma-separate)")],
+            [TRAINING_DATA]),
+        flag("max_tokens", Annotated[int, typer.Option(help="tokens read per data source")], 2_000_000),
+    ))
+
+
+def _loop_group(out: str, steps: int, micro_batch_size: int):
+    """The shared loop's flags -> TrainOptions (per-stage defaults for the output folder, steps, micro-batch)."""
+    def build(**values: Any):
+        from refrag.train.loop import TrainOptions
+
+        return TrainOptions(out_dir=values.pop("out"), **values)
+
+    opt = typer.Option
+    return option_group("loop", build, (
+        flag("out", Annotated[Path, opt("--out", "-o", help="output folder (checkpoint/, final/, metrics.csv)")],
+                Path(out)),
+        flag("steps", Annotated[int, opt(help="optimizer steps")], steps),
+        flag("batch_size", Annotated[int, opt(help="examples per optimizer step")], 8),
+        flag("micro_batch_size", Annotated[int, opt(help="examples per forward/backward (gradient accumulation)")],
+                micro_batch_size),
+        flag("lr", Annotated[float | None, opt(help="peak learning rate (default: the paper's for the stage)")],
+                None),
+        flag("eval_every", Annotated[int, opt(help="steps between held-out evaluations")], 100),
+        flag("save_every", Annotated[int, opt(help="steps between checkpoints")], 100),
+        flag("resume", Annotated[bool, opt(help="continue exactly from OUT/checkpoint")], False),
+        flag("gradient_checkpointing", Annotated[bool, opt(help="gradient checkpointing (less memory, ~30% "
+                                                                   "slower)")], False),
+        flag("bf16", Annotated[bool, opt(help="bf16 autocast over fp32 master weights")], True),
+        flag("stop_after", Annotated[int | None, opt(help="stop (with a checkpoint) after this many steps; the "
+                                                             "schedule still spans --steps (time boxes, ablations)")],
+                None),
+    ))
+
+
+def _run(stage: str, init: str | None, fresh: ModelChoice | None, data, stage_options, loop) -> None:
+    """Load the stage's models (checking the order), read the corpus, run the recipe, print the held-out scores."""
     setup_torch()
+    from refrag.config import RefragConfig
+    from refrag.train import cpt, mixed, reconstruct
+    from refrag.train.common import load_for_stage
+    from refrag.train.data import TokenCorpus
 
-    from refrag.train.common import StageOptions, load_for_stage
-    from refrag.train.cpt import cpt
-    from refrag.train.data import DataOptions, TokenCorpus, read_sources
-    from refrag.train.loop import TrainOptions
-    from refrag.train.mixed import mixed
-    from refrag.train.reconstruct import reconstruct
-
-    stage_options = StageOptions(max_chunks=max_chunks, curriculum=curriculum, continuation_tokens=continuation_tokens,
-                                 expand_fraction=expand_fraction, train_decoder=train_decoder, seed=seed,  # type: ignore[arg-type]
-                                 lora_rank=lora_rank, distill=distill, train_encoder=train_encoder)
-    train_options = TrainOptions(out_dir=out, steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                                 lr=lr or PAPER_LR[stage], eval_every=eval_every, save_every=save_every,
-                                 resume=resume, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-                                 stop_after=stop_after)
-    model = load_for_stage(stage, init, decoder=decoder, encoder=encoder, k=k)
-    corpus = TokenCorpus.build(DataOptions(sources=read_sources(data), max_tokens_per_source=max_tokens), model.tokenizer)
+    module = {"reconstruct": reconstruct, "cpt": cpt, "mixed": mixed}[stage]
+    config = None
+    if fresh is not None:
+        config = RefragConfig(**{name: value for name, value in
+                                 (("decoder", fresh.decoder), ("encoder", fresh.encoder), ("k", fresh.k)) if value})
+    model = load_for_stage(module.RECIPE, init, config)
+    corpus = TokenCorpus.build(data, model.tokenizer)
     typer.echo(f"{stage}: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
-    recipe = {"reconstruct": reconstruct, "cpt": cpt, "mixed": mixed}[stage]
-    result = recipe(model, corpus, stage_options, train_options)
+    result = getattr(module, stage)(model, corpus, stage_options, loop)
     for n, s in sorted(result.eval.items()):
         typer.echo(f"held-out {n}x{model.k}: log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f} ({s.tokens} tokens)")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 
 
 @app.command("reconstruct")
+@model_options(checkpoint=False, dtype=False)
+@_data_group()
+@_loop_group("runs/reconstruct", steps=1000, micro_batch_size=8)
 def reconstruct_cmd(
-    out: Out = Path("runs/reconstruct"), data: Data = [TRAINING_DATA], init: Init = None,  # noqa: B006
-    decoder: Decoder = DEFAULTS["decoder"], encoder: Encoder = DEFAULTS["encoder"], k: K = 16,
-    steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 8, lr: LR = None,
+    init: Annotated[str | None, typer.Option(help="a reconstruct checkpoint to continue from")] = None,
     max_chunks: MaxChunks = 8, curriculum: Curriculum = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
-    eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
+    lora_rank: LoraRank = 8, seed: Seed = 0, *, choice: ModelChoice, data, loop,
 ) -> None:
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
     reconstruct each context from its chunk vectors."""
-    _run("reconstruct", **locals(), continuation_tokens=0, expand_fraction=0.0)
+    from refrag.train.common import StageOptions
+
+    stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, train_decoder=train_decoder,  # type: ignore[arg-type]
+                         lora_rank=lora_rank, seed=seed)
+    _run("reconstruct", init, choice, data, stage, loop)
 
 
 @app.command("cpt")
+@_data_group()
+@_loop_group("runs/cpt", steps=1000, micro_batch_size=4)
 def cpt_cmd(
-    init: Annotated[str, typer.Option(help="output of `refrag train reconstruct` (its final/ folder)")],
-    out: Out = Path("runs/cpt"), data: Data = [TRAINING_DATA],  # noqa: B006
-    steps: Steps = 1000, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
-    max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
+    init: Init, max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
-    eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
+    lora_rank: LoraRank = 8, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
-    _run("cpt", **locals(), decoder="", encoder="", k=0, expand_fraction=0.0)
+    from refrag.train.common import StageOptions
+
+    stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, continuation_tokens=continuation_tokens,
+                         distill=distill, train_decoder=train_decoder, train_encoder=train_encoder,  # type: ignore[arg-type]
+                         lora_rank=lora_rank, seed=seed)
+    _run("cpt", init, None, data, stage, loop)
 
 
 @app.command("mixed")
+@_data_group()
+@_loop_group("runs/mixed", steps=500, micro_batch_size=4)
 def mixed_cmd(
-    init: Annotated[str, typer.Option(help="output of `refrag train cpt` (its final/ folder)")],
-    out: Out = Path("runs/mixed"), data: Data = [TRAINING_DATA],  # noqa: B006
-    steps: Steps = 500, batch_size: Batch = 8, micro_batch_size: Micro = 4, lr: LR = None,
-    max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
+    init: Init, max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, max_tokens: MaxTokens = 2_000_000, seed: Seed = 0,
-    eval_every: EvalEvery = 100, save_every: SaveEvery = 100, resume: Resume = False,
-    gradient_checkpointing: GradCkpt = False, bf16: BF16 = True, stop_after: StopAfter = None,
+    lora_rank: LoraRank = 8, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
-    _run("mixed", **locals(), decoder="", encoder="", k=0, curriculum=False)
+    from refrag.train.common import StageOptions
 
-
-HELD_OUT = "../shared/data/wiki_paragraph_segmentation_en.txt"
-
-
-def eval_reconstruction_cmd(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="refrag checkpoint (default: the shipped one)")] = None,
-    decoder: Decoder = DEFAULTS["decoder"], encoder: Encoder = DEFAULTS["encoder"], k: K = 16,
-    dtype: DType = "bfloat16",
-    data: Annotated[str, typer.Option(help="held-out text (.txt/.jsonl) the compressor never trained on")] = HELD_OUT,
-    max_chunks: MaxChunks = 8,
-    examples: Annotated[int, typer.Option(help="examples per number of chunks")] = 32,
-    seed: Seed = 0,
-    json_out: Json = False,
-) -> None:
-    """Reconstruction quality by number of chunks: token accuracy and log-perplexity (`refrag eval reconstruction`)."""
-    setup_torch()
-    from rich.console import Console
-    from rich.table import Table
-
-    from refrag.eval.reconstruction import eval_reconstruction
-    from refrag.loading import load_model
-
-    m = load_model(model, decoder=decoder, encoder=encoder, k=k, dtype=dtype, progress=not json_out)
-    report = eval_reconstruction(m, data, max_chunks=max_chunks, examples=examples, seed=seed, progress=not json_out)
-    if json_out:
-        print_json(report.to_json())
-        return
-    table = Table(title=f"reconstruction, k={report.k}, {report.examples} held-out examples per row ({data})")
-    for col in ("chunks", "tokens", "log-ppl", "token accuracy"):
-        table.add_column(col, justify="right")
-    for r in report.rows:
-        table.add_row(f"{r.chunks}x{report.k}", str(r.tokens), f"{r.log_ppl:.3f}", f"{r.accuracy:.3f}")
-    Console().print(table)
+    stage = StageOptions(max_chunks=max_chunks, curriculum=False, continuation_tokens=continuation_tokens,
+                         expand_fraction=expand_fraction, distill=distill, train_decoder=train_decoder,  # type: ignore[arg-type]
+                         train_encoder=train_encoder, lora_rank=lora_rank, seed=seed)
+    _run("mixed", init, None, data, stage, loop)
 
 
 @app.command("export")
@@ -165,6 +159,6 @@ def export_cmd(
 ) -> None:
     """Write a compact bf16 copy of a trained checkpoint (what ships under refrag/checkpoints/)."""
     setup_torch()
-    from refrag.train.checkpoint import export_model
+    from refrag.checkpoint import export
 
-    typer.echo(f"exported: {export_model(source, target)}")
+    typer.echo(f"exported: {export(source, target)}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -32,20 +31,13 @@ import torch
 from tqdm import tqdm
 
 from refrag.chunking import chunk_token_ids
-from refrag.config import CompressionOptions
+from refrag.config import check_fraction
 from refrag.errors import InputError
-from refrag.modeling import IGNORE_INDEX, Layout, RefragModel, segments_layout, start_token
-from refrag.prompting import choose_expanded
+from refrag.eval.methods import ADAPTER_CONTROL, FOREIGN_CONTROL, Method
+from refrag.modeling import Layout, RefragModel, Segment, context_segments, start_token, token_nll
+from refrag.policy import make_policy
 
 log = logging.getLogger(__name__)
-
-# With a decoder adapter, the adapter alone (no context) is scored too: a control that separates what the
-# compressed context brings from what the adapter learnt about text in general.
-ADAPTER_CONTROL = "no_context_adapter"
-# REFRAG (first k) reading the chunk vectors of ANOTHER example's context: what the vectors bring that is not
-# about this example (their mere presence, generic text statistics). refrag{k} minus this is the context's own.
-FOREIGN_CONTROL = "foreign_vectors"
-
 
 @dataclass(frozen=True)
 class PerplexityOptions:
@@ -63,9 +55,9 @@ class PerplexityOptions:
     def __post_init__(self) -> None:
         if self.s <= 0 or self.o < 2:
             raise InputError(f"need s > 0 and o >= 2 (got s={self.s}, o={self.o}).")
-        if not 0.0 <= self.expand < 1.0 or self.expand_strategy not in ("last", "random"):
-            raise InputError(f"--expand must be in [0, 1) and --expand-strategy last or random "
-                             f"(got {self.expand}, {self.expand_strategy!r}).")
+        check_fraction(self.expand, "--expand", below_one=True)
+        if self.expand_strategy not in ("last", "random"):
+            raise InputError(f"--expand-strategy must be last or random (got {self.expand_strategy!r}).")
         if not self.ks:
             raise InputError("give at least one compression rate (--k 16).")
         for k in self.ks:
@@ -74,16 +66,23 @@ class PerplexityOptions:
         if self.limit <= 0 or self.batch_size <= 0:
             raise InputError("--limit and the batch size must be positive.")
 
-    def method_names(self) -> list[str]:
-        """Method names in report order; the first k's truncated baseline is plain ``truncated``."""
-        names = ["no_context", "full"]
-        for i, k in enumerate(self.ks):
-            names.append("truncated" if i == 0 else f"truncated{self.s // k}")
-        names += [f"refrag{k}" for k in self.ks]
+    def methods(self) -> list[Method]:
+        """The methods in report order (one per name); the first k's truncated baseline is plain ``truncated``."""
+        methods = [Method("no_context"), Method("full")]
+        methods += [Method("truncated", positions=self.s // k, first=i == 0) for i, k in enumerate(self.ks)]
+        methods += [Method("refrag", k=k) for k in self.ks]
         for k in self.ks if self.expand else ():
             L, n = self.s // k, self.expanded_chunks(k)
-            names += [f"refrag{k}+{self.expand_strategy}{round(100 * self.expand)}", f"truncated{L - n + n * k}"]
-        return list(dict.fromkeys(names))
+            methods += [Method("refrag", k=k, strategy=self.expand_strategy, expanded=n,
+                               percent=round(100 * self.expand)),
+                        Method("truncated", positions=L - n + n * k)]
+        unique: dict[str, Method] = {}
+        for m in methods:
+            unique.setdefault(m.name, m)
+        return list(unique.values())
+
+    def method_names(self) -> list[str]:
+        return [m.name for m in self.methods()]
 
     def expanded_chunks(self, k: int) -> int:
         """How many of the s / k chunks stay raw tokens (at least one when expand > 0)."""
@@ -182,71 +181,43 @@ def extract_examples(
     return out
 
 
-def scored_layout(
-    prefix: Sequence[Sequence[int] | torch.Tensor],
-    output: Sequence[int],
-    model: RefragModel,
-    skip_first: bool,
-) -> Layout:
-    """prefix segments + output[:-1], labels on the output tokens (the first one predicted by the prefix's end)."""
-    layout = segments_layout([*prefix, list(output[:-1])], model.decoder.config.hidden_size, model.dtype)
-    n_prefix = layout.length - (len(output) - 1)
-    targets = torch.tensor(list(output))
-    labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
-    if n_prefix == 0:  # nothing predicts output[0]
-        if not skip_first:
-            raise InputError(
-                "an empty prefix cannot predict the first output token; score with skip_first=True."
-            )
-        labels[:] = targets[1:]
-    else:
-        labels[n_prefix - 1 :] = targets  # the prefix's last position predicts output[0]
-        if skip_first:
-            labels[n_prefix - 1] = IGNORE_INDEX
-    layout.labels = labels
-    return layout
-
-
 def _prefixes(
     model: RefragModel,
     batch: Sequence[PerplexityExample],
-    method: str,
+    method: Method,
     options: PerplexityOptions,
     start: int | None,
-) -> list[list]:
+) -> list[list[Segment]]:
     """The segments before the output tokens, for one method and a batch of examples.
 
     Every method starts with the start token (as training does), so no context ever sits at position 0.
     """
     head = [[start]] if start is not None else []
-    if method in ("no_context", ADAPTER_CONTROL):
+    if method.kind in ("no_context", ADAPTER_CONTROL):
         return [list(head) for _ in batch]
-    if method == "full":
+    if method.kind == "full":
         return [[*head, list(ex.context)] for ex in batch]
-    if method.startswith("truncated"):
-        K = options.s // options.ks[0] if method == "truncated" else int(method[len("truncated") :])
-        return [[*head, list(ex.context[-K:])] for ex in batch]
-    match = re.fullmatch(r"refrag(\d+)(?:\+(last|random)\d+)?", method)
-    assert match, method
-    k, strategy = int(match[1]), match[2]
-    L = options.s // k
-    n = options.expanded_chunks(k) if strategy else 0
-    raw = [_expanded(L, n, strategy, options.seed, ex.doc) for ex in batch]
-    chunks = [chunk_token_ids(ex.context, model.tokenizer, k) for ex in batch]
+    if method.kind == "truncated":
+        return [[*head, list(ex.context[-method.positions :])] for ex in batch]
+    chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
+    raw = [_expanded(cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
     texts = [c.text for cs, r in zip(chunks, raw) for j, c in enumerate(cs) if j not in r]
-    vectors = iter(model.embed_chunks(texts).split(1)) if texts else iter(())  # [1, D] each, in order
-    return [[*head, *(list(c.token_ids) if j in r else next(vectors) for j, c in enumerate(cs))]
-            for cs, r in zip(chunks, raw)]
+    vectors = model.embed_chunks(texts) if texts else None  # [N, D], compressed chunks in order
+    prefixes, row = [], 0
+    for cs, r in zip(chunks, raw):
+        n = len(cs) - len(r)
+        prefixes.append([*head, *context_segments([cs], r, vectors[row : row + n] if n else None)])  # type: ignore[index]
+        row += n
+    return prefixes
 
 
-def _expanded(num_chunks: int, n: int, strategy: str | None, seed: int, doc: int) -> set[int]:
-    """The n chunks of one example kept as raw tokens: ``choose_expanded`` (what generation uses), with the
+def _expanded(chunks, method: Method, seed: int, doc: int) -> set[int]:
+    """The chunks of one example kept as raw tokens: the generation path's policy (``refrag.policy``), with the
     random strategy seeded by (seed, document)."""
-    if not n:
+    if not method.expanded:
         return set()
-    options = CompressionOptions(expand_fraction=n / num_chunks, expand_strategy=strategy,  # type: ignore[arg-type]
-                                 seed=seed * 1_000_003 + doc)
-    return choose_expanded(num_chunks, options)
+    policy = make_policy(method.strategy, seed=seed * 1_000_003 + doc)  # type: ignore[arg-type]
+    return policy.select(chunks, None, None, method.expanded)
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:
@@ -255,11 +226,7 @@ def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool 
     inputs = model.build_inputs(layouts)
     if adapter:
         inputs = replace(inputs, compressed=True)
-    logits, labels = model.label_logits(inputs)  # [B, K, V], [B, K]
-    nll = torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # [B, K]
-    mask = labels != IGNORE_INDEX
+    nll, mask = token_nll(*model.label_logits(inputs))  # [B, K]
     return ((nll * mask).sum(1) / mask.sum(1)).tolist()
 
 
@@ -273,24 +240,23 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Log-perplexity of every example's output tokens under every method of ``options``."""
     start = start_token(model.tokenizer)
-    methods = options.method_names() + ([ADAPTER_CONTROL] if model.has_adapter else [])
-    methods += [FOREIGN_CONTROL] if len(examples) > 1 else []
-    result = PerplexityResult(options, {m: [] for m in methods}, list(examples))
+    methods = options.methods() + ([Method(ADAPTER_CONTROL)] if model.has_adapter else [])
+    methods += [Method(FOREIGN_CONTROL, k=options.ks[0])] if len(examples) > 1 else []
+    result = PerplexityResult(options, {m.name: [] for m in methods}, list(examples))
     size = options.batch_size
     bar = tqdm(total=-(-len(examples) // size) * len(methods), desc="perplexity", unit="batch", disable=not progress)
     for first in range(0, len(examples), size):
         batch = examples[first : first + size]
         for method in methods:
-            if method == FOREIGN_CONTROL:  # the next example's context (cyclically), this example's output
+            if method.kind == FOREIGN_CONTROL:  # the next example's context (cyclically), this example's output
                 foreign = [replace(ex, context=examples[(first + i + 1) % len(examples)].context)
                            for i, ex in enumerate(batch)]
-                prefixes = _prefixes(model, foreign, f"refrag{options.ks[0]}", options, start)
+                prefixes = _prefixes(model, foreign, Method("refrag", k=method.k), options, start)
             else:
                 prefixes = _prefixes(model, batch, method, options, start)
-            layouts = [
-                scored_layout(p, ex.output, model, skip_first=start is None) for p, ex in zip(prefixes, batch)
-            ]
-            result.per_example[method].extend(example_nll(model, layouts, adapter=method == ADAPTER_CONTROL))
+            layouts = [model.scored_layout(p, ex.output, skip_first=start is None) for p, ex in zip(prefixes, batch)]
+            nll = example_nll(model, layouts, adapter=method.kind == ADAPTER_CONTROL)
+            result.per_example[method.name].extend(nll)
             bar.update()
     bar.close()
     return result

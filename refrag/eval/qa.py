@@ -17,10 +17,11 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from tqdm import tqdm
 
-from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
+from refrag.config import ChunkingOptions, CompressionOptions, Mode, SamplingOptions
 from refrag.errors import InputError
 from refrag.eval.metrics import contains_answer, exact_match, token_f1
 from refrag.generate import Request, generate
@@ -46,10 +47,13 @@ class QAExample:
     memory_answers: tuple[str, ...] = ()  # counterfactual data: the original (swapped-out) answer
 
 
+QAKind = Literal[Mode, "llmlingua"]  # a generation mode, or LLMLingua-compressed text read in full mode
+
+
 @dataclass(frozen=True)
 class QAMode:
     name: str  # as given on the command line
-    kind: str  # full | refrag | llmlingua
+    kind: QAKind
     passages: int | None  # None: the run's default number of passages
 
 
@@ -96,11 +100,11 @@ def parse_modes(spec: str) -> tuple[QAMode, ...]:
     modes = []
     for name in (m.strip() for m in spec.split(",") if m.strip()):
         kind, _, count = name.partition("@")
-        if kind not in ("full", "refrag", "llmlingua") or (count and not count.isdigit()) or count == "0":
+        if kind not in get_args(QAKind) or (count and not count.isdigit()) or count == "0":
             raise InputError(
                 f"unknown QA mode {name!r}: use full, refrag, llmlingua, optionally @N passages (refrag@8)."
             )
-        modes.append(QAMode(name, kind, int(count) if count else None))
+        modes.append(QAMode(name, kind, int(count) if count else None))  # type: ignore[arg-type]
     if not modes:
         raise InputError("give at least one mode (--modes full,refrag).")
     return tuple(modes)
@@ -177,60 +181,65 @@ def evaluate_qa(
     pipeline: a :class:`refrag.pipeline.Pipeline` to retrieve passages (else gold passages + distractors).
     compressor: an :class:`LLMLinguaCompressor`, required by the ``llmlingua`` mode.
     """
-    from refrag.bench.ttft import with_cached_vectors
-
     if any(m.kind == "llmlingua" for m in options.modes) and compressor is None:
         raise InputError("the llmlingua mode needs the LLMLingua compressor (pip install llmlingua).")
-    sampling = SamplingOptions(max_new_tokens=options.max_new_tokens, stop=("\n",))
-    chunking = ChunkingOptions(k=model.k)
+    answerer = _Answerer(model, examples, options, pipeline, compressor)
     records: list[QARecord] = []
     bar = tqdm(total=len(examples) * len(options.modes), desc="qa", unit="answer", disable=not progress)
-    for i, ex in enumerate(examples):
+    for i in range(len(examples)):
         for mode in options.modes:
-            count = mode.passages or options.passages
-            compression = CompressionOptions(mode="refrag" if mode.kind == "refrag" else "full")
-            extra_s = 0.0
-            if pipeline is not None and mode.kind != "llmlingua":
-                result = pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling)
-                answer, ttft = result.answer, result.ttft_s
-            else:
-                texts = (
-                    gold_passages(examples, i, count, options.seed)
-                    if pipeline is None
-                    else [
-                        pipeline.index.passage(h.id, model.tokenizer).text
-                        for h in pipeline.index.search(ex.question, count)
-                    ]
-                )
-                request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
-                if mode.kind == "refrag":
-                    request = with_cached_vectors(model, request)
-                elif mode.kind == "llmlingua":
-                    budget = sum(len(p.chunks) for p in request.passages)  # REFRAG's context positions
-                    squeezed = compressor.compress(texts, ex.question, budget)
-                    request = Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking)
-                    extra_s = squeezed.seconds
-                answer = generate(model, [request], compression=compression, sampling=sampling)[0]
-                ttft = answer.timings.ttft_s + extra_s
-            pred = answer.text.strip()
-            records.append(
-                QARecord(
-                    mode=mode.name,
-                    question=ex.question,
-                    prediction=pred,
-                    answers=ex.answers,
-                    em=exact_match(pred, ex.answers),
-                    f1=token_f1(pred, ex.answers),
-                    contains=contains_answer(pred, ex.answers),
-                    memory=contains_answer(pred, ex.memory_answers) if ex.memory_answers else None,
-                    ttft_s=ttft,
-                    decoder_positions=answer.decoder_positions,
-                    context_tokens=answer.context_tokens,
-                )
-            )
+            records.append(answerer.record(i, mode))
             bar.update()
     bar.close()
     return [_summarise(m, [r for r in records if r.mode == m.name], options) for m in options.modes], records
+
+
+@dataclass(frozen=True)
+class _Answerer:
+    """Answers one question in one mode and scores the answer."""
+
+    model: RefragModel
+    examples: Sequence[QAExample]
+    options: QAOptions
+    pipeline: object | None
+    compressor: object | None
+
+    def record(self, i: int, mode: QAMode) -> QARecord:
+        ex, count = self.examples[i], mode.passages or self.options.passages
+        sampling = SamplingOptions(max_new_tokens=self.options.max_new_tokens, stop=("\n",))
+        compression = CompressionOptions(mode="full" if mode.kind == "llmlingua" else mode.kind)
+        if self.pipeline is not None and mode.kind != "llmlingua":
+            result = self.pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling)  # type: ignore[attr-defined]
+            answer, ttft = result.answer, result.ttft_s
+        else:
+            request, extra_s = self._request(i, mode, count)
+            answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
+            ttft = answer.timings.ttft_s + extra_s
+        pred = answer.text.strip()
+        return QARecord(
+            mode=mode.name, question=ex.question, prediction=pred, answers=ex.answers,
+            em=exact_match(pred, ex.answers), f1=token_f1(pred, ex.answers), contains=contains_answer(pred, ex.answers),
+            memory=contains_answer(pred, ex.memory_answers) if ex.memory_answers else None,
+            ttft_s=ttft, decoder_positions=answer.decoder_positions, context_tokens=answer.context_tokens,
+        )
+
+    def _request(self, i: int, mode: QAMode, count: int) -> tuple[Request, float]:
+        """Gold passages + distractors (or the index's passages as text); chunk encodings precomputed outside the
+        timed region for refrag; LLMLingua's compression time returned to be counted in its TTFT."""
+        ex, model, chunking = self.examples[i], self.model, ChunkingOptions(k=self.model.k)
+        if self.pipeline is None:
+            texts = gold_passages(self.examples, i, count, self.options.seed)
+        else:
+            index = self.pipeline.index  # type: ignore[attr-defined]
+            texts = [index.passage(h.id, model.tokenizer).text for h in index.search(ex.question, count)]
+        request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
+        if mode.kind == "refrag":
+            return request.with_encodings(model), 0.0
+        if mode.kind == "llmlingua":
+            budget = len(request.chunks)  # REFRAG's context positions
+            squeezed = self.compressor.compress(texts, ex.question, budget)  # type: ignore[attr-defined]
+            return Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking), squeezed.seconds
+        return request, 0.0
 
 
 def _mean(xs: Sequence[float]) -> float:

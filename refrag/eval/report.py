@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from refrag.errors import InputError
+from refrag.eval.methods import Method
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,9 @@ def _save(fig, ax, path: Path, legend_size: int) -> Path:
 
 
 def _rate(method: str, s: int, first_k: int) -> float | None:
-    """Context tokens per decoder position a perplexity method gives the decoder; None for what is not a rate
-    (no_context, the controls, expanded REFRAG whose positions are not in its name)."""
-    if method == "full":
-        return 1.0
-    if method == "truncated":
-        return float(first_k)
-    if match := re.fullmatch(r"(refrag|truncated)(\d+)", method):
-        return float(match[2]) if match[1] == "refrag" else s / float(match[2])
-    return None
+    """Context tokens per decoder position a perplexity method gives the decoder (None: not a rate)."""
+    parsed = Method.from_name(method, s, first_k)
+    return parsed.rate(s) if parsed is not None else None
 
 
 def plot_quality_vs_rate(ppl: dict, path: Path) -> Path:
@@ -198,6 +192,30 @@ def _ttft_section(ttft: dict, png: str) -> str:
     )
 
 
+def _qa_part(res: Path, out_dir: Path) -> str | None:
+    """The RAG QA section from every qa_* folder of the results (None when there is none)."""
+    qa_rows: list[list[str]] = []
+    qa_points: list[dict] = []
+    for folder in sorted(res.glob("qa_*")):
+        summary = _read(folder / "summary.json")
+        if isinstance(summary, dict):
+            title = folder.name[3:] + (" (counterfactual)" if summary.get("counterfactual") else "")
+            qa_rows += _qa_section(title, summary)
+            qa_points += [r for r in summary["modes"] if not summary.get("counterfactual")]
+    if not qa_rows:
+        return None
+    png = plot_qa(qa_points, out_dir / "qa_quality_vs_ttft.png").name if qa_points else None
+    header = ["run", "mode", "passages", "n", "EM", "F1", "contains", "memory", "TTFT p50 (ms)", "decoder positions"]
+    return (
+        "## RAG QA\n\nGreedy answers; EM / token F1 / answer-contained after SQuAD normalisation; TTFT median "
+        "(chunk encodings precomputed as an index stores them; LLMLingua's compression time included). "
+        "memory = the counterfactual run's rate of answering with the ORIGINAL answer (answering from memory "
+        "instead of reading the passage).\n\n"
+        + _table(header, qa_rows)
+        + (f"\n\n![QA quality vs TTFT]({png})\n" if png else "\n")
+    )
+
+
 def write_report(inputs: ReportInputs) -> Path:
     """Assemble the markdown report (and its PNGs) from the results folder."""
     from refrag.bench.machine import machine_info
@@ -223,38 +241,8 @@ def write_report(inputs: ReportInputs) -> Path:
     ppl = _read(res / "ppl" / "summary.json")
     if isinstance(ppl, dict):
         parts.append(_ppl_section(ppl, plot_quality_vs_rate(ppl, out_dir / "quality_vs_rate.png").name))
-    qa_rows: list[list[str]] = []
-    qa_points: list[dict] = []
-    for folder in sorted(res.glob("qa_*")):
-        summary = _read(folder / "summary.json")
-        if isinstance(summary, dict):
-            title = folder.name[3:] + (" (counterfactual)" if summary.get("counterfactual") else "")
-            qa_rows += _qa_section(title, summary)
-            qa_points += [r for r in summary["modes"] if not summary.get("counterfactual")]
-    if qa_rows:
-        png = plot_qa(qa_points, out_dir / "qa_quality_vs_ttft.png").name if qa_points else None
-        parts.append(
-            "## RAG QA\n\nGreedy answers; EM / token F1 / answer-contained after SQuAD normalisation; TTFT median "
-            "(chunk encodings precomputed as an index stores them; LLMLingua's compression time included). "
-            "memory = the counterfactual run's rate of answering with the ORIGINAL answer (answering from memory "
-            "instead of reading the passage).\n\n"
-            + _table(
-                [
-                    "run",
-                    "mode",
-                    "passages",
-                    "n",
-                    "EM",
-                    "F1",
-                    "contains",
-                    "memory",
-                    "TTFT p50 (ms)",
-                    "decoder positions",
-                ],
-                qa_rows,
-            )
-            + (f"\n\n![QA quality vs TTFT]({png})\n" if png else "\n")
-        )
+    if qa := _qa_part(res, out_dir):
+        parts.append(qa)
     if isinstance(ttft, dict):
         shutil.copyfile(res / "ttft.png", out_dir / "ttft.png")
         parts.append(_ttft_section(ttft, "ttft.png"))

@@ -66,7 +66,9 @@ def run_suite(
     runner: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
 ) -> list[str]:
     """Run the suite's missing steps into ``results``; returns the notes on failed steps (empty when all ran)."""
-    # stdout is captured (JSON results); stderr passes through (progress bars, errors)
+    # A child process per step, not a function call: each step loads its own model(s) and the memory is freed
+    # when the step ends (a long suite would otherwise hold every model it used). stdout is captured (JSON
+    # results); stderr passes through (progress bars, errors).
     run = runner or (lambda argv: subprocess.run(argv, check=False, stdout=subprocess.PIPE, text=True))
     results.mkdir(parents=True, exist_ok=True)
     lines, failures = [], []

@@ -3,26 +3,24 @@
 Layout of an index folder (every write goes to a temporary sibling that is renamed at the end, so a crash or
 kill during ``build`` or ``add`` leaves the previous index intact)::
 
-    index.json               versioned manifest: models the index is keyed to, store settings, shards
+    index.json               versioned manifest (``IndexManifest``): what it is keyed to, store settings, shards
     shard-00000.safetensors  chunk encodings [M, E] bf16 + decoder token ids + offsets (memory-mapped)
     shard-00000.jsonl        passage metadata (text, source, line, offset, title)
     vectors.faiss | lance/   retrieval vectors, passage i has id i
 
-The chunk encodings are keyed to the chunk encoder that made them (its spec, a hash of its weights, pooling,
-max tokens), to k and to the decoder tokenizer (token ids are stored): :meth:`Index.check_model` refuses a
-mismatching model instead of feeding the decoder garbage.
+The chunk encodings are keyed to the chunk encoder that made them (``EncoderKey``: its spec, a hash of its
+weights, pooling, max tokens), to k and to the decoder tokenizer (token ids are stored): :meth:`Index.check_model`
+refuses a mismatching model instead of feeding the decoder garbage.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +32,13 @@ from refrag.config import DEFAULT_ENCODER, ChunkingOptions
 from refrag.errors import CheckpointError, InputError
 from refrag.index.chunkstore import PassageMeta, ShardReader, ShardWriter
 from refrag.index.ingest import iter_documents
+from refrag.index.manifest import INDEX, EncoderKey, IndexManifest, RetrievalInfo
 from refrag.index.retrieval import RetrievalEncoder
 from refrag.index.store import StoreOptions, VectorStore, create_store, open_store
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.modeling import RefragModel
 
-MANIFEST = "index.json"
-FORMAT = "refrag-index"
-FORMAT_VERSION = 1
+MANIFEST = INDEX.filename
 
 
 @dataclass(frozen=True)
@@ -86,47 +83,30 @@ class SearchHit:
     meta: PassageMeta
 
 
-def model_key(model: RefragModel) -> dict:
-    """What stored chunk encodings depend on: the chunk encoder's weights and settings, k, the tokenizer."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-    return {
-        "k": model.k,
-        "chunk_encoder": model.config.encoder,
-        "chunk_encoder_sha256": h.hexdigest(),
-        "pooling": model.config.pooling,
-        "encoder_max_tokens": model.config.encoder_max_tokens,
-        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
-    }
-
-
 class Index:
     """A retrieval index whose passages carry their precomputed chunk encodings.
 
     Build with :meth:`build`, reopen with :meth:`open`, extend with :meth:`add`, query with :meth:`search`.
     """
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: IndexManifest) -> None:
         self.path = path
         self._retriever: RetrievalEncoder | None = None
         self.stats: BuildStats | None = None  # set by build / add
         self._load(manifest)
 
-    def _load(self, manifest: dict) -> None:
+    def _load(self, manifest: IndexManifest) -> None:
         """(Re)read shards and vector store as ``manifest`` describes them."""
         self.manifest = manifest
         path = self.path
         self.options = IndexOptions(
-            passage_tokens=manifest["passage_tokens"],
-            retrieval_encoder=manifest["retrieval"]["encoder"],
-            store=StoreOptions(**manifest["retrieval"]["store"]),
+            passage_tokens=manifest.passage_tokens,
+            retrieval_encoder=manifest.retrieval.encoder,
+            store=StoreOptions(**manifest.retrieval.store),
         )
-        self.shards = [ShardReader(path, entry) for entry in manifest["shards"]]
+        self.shards = [ShardReader(path, entry) for entry in manifest.shards]
         self._starts = list(np.cumsum([0] + [len(s) for s in self.shards]))  # global id of each shard's row 0
-        self.store: VectorStore = open_store(path, self.options.store, manifest["retrieval"]["dim"])
+        self.store: VectorStore = open_store(path, self.options.store, manifest.retrieval.dim)
         if len(self.store) != len(self):
             raise CheckpointError(f"{path}: {len(self.store)} retrieval vectors for {len(self)} passages; rebuild.")
 
@@ -145,25 +125,19 @@ class Index:
         """Index every passage of ``paths`` into the folder ``out`` (replaced atomically when it exists)."""
         out = Path(out)
         retriever = retriever or RetrievalEncoder(options.retrieval_encoder)
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "passage_tokens": options.passage_tokens,
-            "decoder": model.config.decoder,  # default decoder for `refrag ask` (only its tokenizer is keyed)
-            "model": model_key(model),
-            "chunk_dim": model.encoder.config.hidden_size,
-            "chunk_dtype": "bfloat16",
-            "retrieval": {"encoder": options.retrieval_encoder, "dim": retriever.dim,
-                          "store": options.store.to_json()},
-            "shards": [],
-            "builds": [],  # BuildStats of the build and of every add
-        }
+        manifest = IndexManifest(
+            passage_tokens=options.passage_tokens,
+            decoder=model.config.decoder,
+            model=EncoderKey.of(model),
+            chunk_dim=model.encoder.config.hidden_size,
+            retrieval=RetrievalInfo(options.retrieval_encoder, retriever.dim, options.store.to_json()),
+        )
         store = create_store(options.store, retriever.dim)
         with atomic_dir(out) as tmp:
             stats = _ingest(tmp, paths, model, retriever, store, manifest, options, progress)
             store.save(tmp)
-            manifest["builds"].append(asdict(stats))
-            write_json_atomic(tmp / MANIFEST, manifest)
+            manifest.builds.append(asdict(stats))
+            write_json_atomic(tmp / MANIFEST, manifest.to_json())
         index = cls.open(out)
         index._retriever, index.stats = retriever, stats
         return index
@@ -172,18 +146,7 @@ class Index:
     def open(cls, path: str | Path) -> Index:
         """Open an index folder written by :meth:`build` / :meth:`add`."""
         path = Path(path)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{path} has no {MANIFEST}: not a refrag index (build one with "
-                                  "`refrag index build`).") from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}/{MANIFEST} is corrupt ({e}); rebuild the index.") from e
-        if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path}/{MANIFEST} is not a refrag index manifest.")
-        if manifest.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"{path} was written by a newer refrag (format {manifest['version']}); upgrade.")
-        return cls(path, manifest)
+        return cls(path, IndexManifest.read(path))
 
     def add(
         self,
@@ -195,20 +158,20 @@ class Index:
     ) -> BuildStats:
         """Append the passages of ``paths``. Existing shards are kept (hard-linked); the swap is atomic."""
         self.check_model(model)
-        manifest = json.loads(json.dumps(self.manifest))
+        manifest = replace(self.manifest, shards=list(self.manifest.shards), builds=list(self.manifest.builds))
         options = IndexOptions(self.options.passage_tokens, self.options.retrieval_encoder, self.options.store,
                                batch_passages=batch_passages)
         with atomic_dir(self.path) as tmp:
-            for entry in manifest["shards"]:
+            for entry in manifest.shards:
                 for suffix in (".safetensors", ".jsonl"):
                     _link_or_copy(self.path / f"{entry['name']}{suffix}", tmp / f"{entry['name']}{suffix}")
             if (self.path / "lance").is_dir():
                 shutil.copytree(self.path / "lance", tmp / "lance")
-            store = open_store(self.path, self.options.store, manifest["retrieval"]["dim"])  # if add fails,
+            store = open_store(self.path, self.options.store, manifest.retrieval.dim)  # if add fails,
             stats = _ingest(tmp, paths, model, self.retriever, store, manifest, options, progress)  # self is intact
             store.save(tmp)
-            manifest["builds"].append(asdict(stats))
-            write_json_atomic(tmp / MANIFEST, manifest)
+            manifest.builds.append(asdict(stats))
+            write_json_atomic(tmp / MANIFEST, manifest.to_json())
         self._load(manifest)  # the swapped-in folder
         self.stats = stats
         return stats
@@ -221,10 +184,10 @@ class Index:
     def retriever(self) -> RetrievalEncoder:
         if self._retriever is None:
             self._retriever = RetrievalEncoder(self.options.retrieval_encoder)
-            if self._retriever.dim != self.manifest["retrieval"]["dim"]:
+            if self._retriever.dim != self.manifest.retrieval.dim:
                 raise CheckpointError(f"{self.path}: retrieval encoder {self.options.retrieval_encoder} gives "
                                       f"{self._retriever.dim}-d vectors, the index holds "
-                                      f"{self.manifest['retrieval']['dim']}-d; rebuild the index.")
+                                      f"{self.manifest.retrieval.dim}-d; rebuild the index.")
         return self._retriever
 
     def search(self, query: str, top_k: int = 5) -> list[SearchHit]:
@@ -258,12 +221,11 @@ class Index:
 
     @property
     def k(self) -> int:
-        return int(self.manifest["model"]["k"])
+        return self.manifest.model.k
 
     def check_model(self, model: RefragModel) -> None:
         """CheckpointError unless ``model`` has the chunk encoder, k and tokenizer this index was built with."""
-        want, got = self.manifest["model"], model_key(model)
-        diff = [f"{key}: index {want.get(key)!r} vs model {got[key]!r}" for key in got if want.get(key) != got[key]]
+        diff = self.manifest.model.differences(EncoderKey.of(model))
         if diff:
             raise CheckpointError(
                 f"{self.path} was built for another chunk encoder / k / tokenizer ({'; '.join(diff)}). "
@@ -285,7 +247,7 @@ def _ingest(
     model: RefragModel,
     retriever: RetrievalEncoder,
     store: VectorStore,
-    manifest: dict,
+    manifest: IndexManifest,
     options: IndexOptions,
     progress: bool,
 ) -> BuildStats:
@@ -318,7 +280,7 @@ def _ingest(
 
     def flush_shard() -> None:
         nonlocal writer
-        manifest["shards"].append(writer.write(folder, f"shard-{len(manifest['shards']):05d}"))
+        manifest.shards.append(writer.write(folder, f"shard-{len(manifest.shards):05d}"))
         writer = ShardWriter()
 
     with torch.inference_mode(), tqdm(desc="indexing", unit="passage", disable=not progress) as bar:

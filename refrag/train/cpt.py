@@ -1,28 +1,27 @@
-"""Stage 2, continual pre-training (next-paragraph prediction): the decoder reads [e_1..e_L, x_{s+1}..] and
-predicts x_{s+1..s+o}. Encoder + projector train; the decoder too with --train-decoder full, or a LoRA adapter of
-it with --train-decoder lora."""
+"""Stage 2, continual pre-training (next-paragraph prediction).
+
+- Trains: encoder (unless ``train_encoder`` is off) + projector; the decoder too with ``train_decoder="full"``,
+  or a LoRA adapter of it with ``"lora"`` (then it applies to compressed inputs only).
+- Input: [start] e_1..e_L (every chunk of the s context tokens compressed), then x_{s+1}..x_{s+o-1}.
+- Target: x_{s+1..s+o}, the continuation (o = ``continuation_tokens``); with ``distill`` > 0 part of the loss is
+  the KL from the original decoder reading the full context as tokens (not in the paper).
+- Loop: the shared one (``run_stage``): curriculum, LR 5e-5 unless given; starts from a reconstruct checkpoint.
+"""
 
 from __future__ import annotations
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.common import StageOptions, set_trainable, stage_task
+from refrag.train.common import Recipe, StageOptions, run_stage
 from refrag.train.data import TokenCorpus
-from refrag.train.loop import TrainOptions, TrainResult, train
+from refrag.train.loop import TrainOptions, TrainResult
 
-
-def next_paragraph(
-    stage: str, model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions
-) -> TrainResult:
-    """CPT and mixed-input training share this; they differ in expand_fraction and their stage name."""
-    if options.continuation_tokens < 1:
-        raise InputError(f"`{stage}` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
-    set_trainable(model, options, bf16=train_options.bf16)
-    task = stage_task(stage, model, corpus, options, train_options.steps * train_options.batch_size)
-    return train(model, task, train_options)
+RECIPE = Recipe(stage="cpt", after=("reconstruct", "cpt"), paper_lr=5e-5)
 
 
 def cpt(model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions) -> TrainResult:
+    if options.continuation_tokens < 1:
+        raise InputError("`cpt` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
     if options.expand_fraction:
         raise InputError("cpt compresses every chunk; use `refrag train mixed` for --expand-fraction.")
-    return next_paragraph("cpt", model, corpus, options, train_options)
+    return run_stage(RECIPE, model, corpus, options, train_options)

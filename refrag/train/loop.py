@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.checkpoint import FINAL, TrainerState, load_checkpoint, save_checkpoint, save_model
 from refrag.train.loggers import MetricLogger, make_loggers
 from refrag.train.objectives import Example, Score, StageTask, score_examples, training_loss
+from refrag.train.state import FINAL, TrainerState, load_state, save_model, save_state
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TrainOptions:
     steps: int  # optimizer steps
     batch_size: int = 8  # examples per optimizer step, all ranks together
     micro_batch_size: int = 8  # examples per forward/backward (gradient accumulation in between)
-    lr: float = 2e-4  # peak learning rate (paper: 2e-4 reconstruction, 5e-5 CPT)
+    lr: float | None = None  # peak learning rate; None: the recipe's (the paper's for its stage)
     warmup_fraction: float = 0.04
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
@@ -53,7 +53,7 @@ class TrainOptions:
             raise InputError(f"--steps must be >= 1 (got {self.steps}).")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise InputError("--batch-size and --micro-batch-size must be >= 1.")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise InputError(f"--lr must be > 0 (got {self.lr}).")
 
 
@@ -104,8 +104,32 @@ def _autocast(bf16: bool):
         if bf16 else contextlib.nullcontext()
 
 
+def _accumulate(model: RefragModel, task: StageTask, examples: list[Example], options: TrainOptions) -> tuple[float, int]:
+    """Forward/backward over one step's examples in micro-batches (gradients summed to the step's mean loss);
+    returns the summed example losses and the decoder positions that carried a target or a chunk vector."""
+    loss_sum, tokens = 0.0, 0
+    for micro in micro_batches(examples, options.micro_batch_size):
+        with _autocast(options.bf16):
+            loss = training_loss(model, micro, task.distill)
+        (loss * len(micro) / len(examples)).backward()
+        loss_sum += float(loss.detach()) * len(micro)
+        tokens += sum(len(ex.target) + len(ex.context) // task.k for ex in micro)
+    return loss_sum, tokens
+
+
+def _all_reduce_mean(params: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallel: every rank ends with the mean gradient of all ranks."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainResult:
     """Run (or resume) one stage. Parameters with requires_grad are trained; the rest stay frozen."""
+    if options.lr is None:
+        raise InputError("TrainOptions.lr is unset: run a stage recipe (it sets the paper's rate) or give --lr.")
     rank, world = init_distributed()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -119,7 +143,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
             part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step = 0
     if options.resume and (options.out_dir / "checkpoint").exists():
-        step = load_checkpoint(options.out_dir, model, optimizer).step
+        step = load_state(options.out_dir, model, optimizer).step
     loggers: list[MetricLogger] = make_loggers(options.out_dir, step, task.stage) if rank == 0 else []
     last = options.steps if options.stop_after is None else min(options.steps, options.stop_after)
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress or rank != 0, desc=task.stage)
@@ -130,19 +154,9 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
         for group in optimizer.param_groups:
             group["lr"] = options.lr * lr_factor(step, options)
         mine = task.examples(step, options.batch_size)[rank::world]  # this rank's share of the batch
-        loss_sum, tokens = 0.0, 0
-        for micro in micro_batches(mine, options.micro_batch_size):
-            with _autocast(options.bf16):
-                loss = training_loss(model, micro, task.distill)
-            (loss * len(micro) / len(mine)).backward()
-            loss_sum += float(loss.detach()) * len(micro)
-            tokens += sum(len(ex.target) + len(ex.context) // task.k for ex in micro)
+        loss_sum, tokens = _accumulate(model, task, mine, options)
         if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= world
+            _all_reduce_mean(params, world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -161,7 +175,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
         bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
         bar.update(1)
         if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
-            save_checkpoint(options.out_dir, model, optimizer, TrainerState(step, task.stage))
+            save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))
     bar.close()
     for lg in loggers:
         lg.close()

@@ -16,40 +16,17 @@ import numpy as np
 import torch
 
 from refrag.chunking import chunk_token_ids
-from refrag.errors import CheckpointError, InputError
+from refrag.errors import InputError
 from refrag.modeling import (
     IGNORE_INDEX,
     Layout,
     RefragModel,
-    label_cross_entropy,
-    segments_layout,
+    context_segments,
+    mean_nll,
     start_token,
+    token_nll,
 )
 from refrag.train.data import sample_window
-
-STAGES = ("reconstruct", "cpt", "mixed")
-# stage -> stages whose checkpoint it may start from (None: fresh models)
-PREVIOUS: dict[str, tuple[str | None, ...]] = {
-    "reconstruct": (None, "reconstruct"),
-    "cpt": ("reconstruct", "cpt"),
-    "mixed": ("cpt", "mixed"),
-}
-
-
-def check_stage_order(stage: str, init_stage: str | None) -> None:
-    """Refuse to start ``stage`` from a checkpoint of the wrong previous stage (the order matters)."""
-    allowed = PREVIOUS[stage]
-    if init_stage in allowed:
-        return
-    got = f"a `{init_stage}` checkpoint" if init_stage else "fresh (untrained) models"
-    if allowed[0] is None:
-        fix = "start it from fresh models (no --init) or from a `reconstruct` checkpoint"
-    else:
-        fix = f"run `refrag train {allowed[0]}` first and pass its output folder with --init"
-    raise CheckpointError(
-        f"`refrag train {stage}` cannot start from {got}: the recipe is reconstruct -> cpt -> mixed "
-        f"(the paper's ablations show the order matters); {fix}."
-    )
 
 
 @dataclass(frozen=True)
@@ -84,7 +61,7 @@ def teacher_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     for ex in examples:
         if not ex.continuation:
             raise InputError("distillation needs a continuation: it applies to `cpt` and `mixed`, not `reconstruct`.")
-        layouts.append(_labelled_layout(model, [anchor + list(ex.context)], list(ex.continuation)))
+        layouts.append(model.scored_layout([anchor, ex.context], ex.continuation))
     return layouts
 
 
@@ -104,45 +81,34 @@ def distillation_loss(model: RefragModel, examples: Sequence[Example], student: 
 def training_loss(model: RefragModel, examples: Sequence[Example], distill: float = 0.0) -> torch.Tensor:
     """(1 - distill) * next-token cross-entropy + distill * KL from the full-context decoder."""
     logits, labels = model.label_logits(model.build_inputs(example_layouts(model, examples)))  # [B, K, V], [B, K]
-    ce = label_cross_entropy(logits, labels)
+    ce = mean_nll(logits, labels)
     if not distill:
         return ce
     return (1 - distill) * ce + distill * distillation_loss(model, examples, logits, labels)
 
 
 def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:
-    """Examples -> labelled layouts; every chunk of the batch is encoded in one call."""
-    k, tok = model.k, model.tokenizer
-    chunked = [chunk_token_ids(ex.context, tok, k) for ex in examples]
+    """Examples -> labelled layouts: [start], the context's chunks (``context_segments``), the target.
+
+    Every compressed chunk of the batch is encoded in one call.
+    """
+    chunked = [chunk_token_ids(ex.context, model.tokenizer, model.k) for ex in examples]
     texts = [c.text for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
     vectors = model.embed_chunks(texts) if texts else None  # [N, D]
     anchor = _anchor(model)
     layouts, row = [], 0
     for chunks, ex in zip(chunked, examples):
-        segments: list[list[int] | torch.Tensor] = [anchor]
-        for i, c in enumerate(chunks):
-            if i in ex.expanded:
-                segments.append(list(c.token_ids))
-            else:
-                assert vectors is not None
-                segments.append(vectors[row : row + 1])
-                row += 1
-        layouts.append(_labelled_layout(model, segments, list(ex.target)))
+        n = len(chunks) - len(ex.expanded)
+        mine = vectors[row : row + n] if vectors is not None and n else None  # [n, D]
+        row += n
+        context = context_segments([chunks], set(ex.expanded), mine)
+        layouts.append(model.scored_layout([anchor, *context], ex.target))
     return layouts
 
 
 def _anchor(model: RefragModel) -> list[int]:
     """The start token every layout begins with (never a chunk at position 0: the attention sink)."""
     return [] if (t := start_token(model.tokenizer)) is None else [t]
-
-
-def _labelled_layout(model: RefragModel, prefix: list[list[int] | torch.Tensor], target: list[int]) -> Layout:
-    """prefix segments + target[:-1], labels on the target (the prefix's last position predicts target[0])."""
-    layout = segments_layout(prefix + [target[:-1]], model.decoder.config.hidden_size, model.dtype)
-    labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
-    labels[-len(target) :] = torch.tensor(target)
-    layout.labels = labels
-    return layout
 
 
 @dataclass
@@ -210,11 +176,8 @@ def score_examples(model: RefragModel, examples: Sequence[Example], batch_size: 
     for start in range(0, len(examples), batch_size):
         layouts = example_layouts(model, examples[start : start + batch_size])
         logits, labels = model.label_logits(model.build_inputs(layouts))  # [B, K, V], [B, K]
-        mask = labels != IGNORE_INDEX
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total_nll += float(nll)
+        nll, mask = token_nll(logits, labels)  # [B, K]
+        total_nll += float(nll.sum())
         correct += int(((logits.argmax(-1) == labels) & mask).sum())
         count += int(mask.sum())
     return Score(log_ppl=total_nll / max(count, 1), accuracy=correct / max(count, 1), tokens=count)

@@ -3,6 +3,7 @@ import json
 from conftest import tiny_refrag
 from typer.testing import CliRunner
 
+from refrag import checkpoint
 from refrag.bench.ttft import bench_ttft, context_request, plot_ttft
 from refrag.cli import app
 
@@ -33,7 +34,7 @@ def test_bench_rows_and_plot(tmp_path):
 
 
 def test_cli_writes_a_plot_only_when_asked(tmp_path, monkeypatch):
-    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "tiny", save_decoder=True)
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "tiny", save_decoder=True)
     monkeypatch.chdir(tmp_path)
     args = ["bench", "ttft", "--model", str(ckpt), "--dtype", "float32", "--lengths", "32", "--repeats", "1",
             "--batch", "0", "--json"]

@@ -4,6 +4,7 @@ import pytest
 from conftest import tiny_refrag
 from typer.testing import CliRunner
 
+from refrag.checkpoint import save
 from refrag.cli import app
 
 runner = CliRunner()
@@ -11,7 +12,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return tiny_refrag("llama", k=4).save(tmp_path_factory.mktemp("ckpt") / "tiny", save_decoder=True)
+    return save(tiny_refrag("llama", k=4), tmp_path_factory.mktemp("ckpt") / "tiny", save_decoder=True)
 
 
 @pytest.fixture()
@@ -49,6 +50,7 @@ def test_bad_inputs_exit_with_a_clear_message(checkpoint, context, tmp_path):
         (["-c", str(context), "-q", "  "], "question is empty"),
         (["-c", str(context), "-q", "q?", "--mode", "zip"], "mode must be"),
         (["-c", str(context), "-q", "q?", "--expand-fraction", "2"], "expand_fraction"),
+        (["-c", str(context), "-q", "q?", "--k", "16"], "--k 16 (the checkpoint has 4)"),
     ]
     for args, message in cases:
         result = runner.invoke(app, ["generate", *args, "--model", str(checkpoint), "--dtype", "float32"])
@@ -69,3 +71,20 @@ def test_main_prints_one_line_errors(capsys, monkeypatch, context):
         main()
     assert exit_info.value.code == 2
     assert "error: unknown model: 'nope'" in capsys.readouterr().err
+
+
+def test_every_model_command_takes_the_same_model_options():
+    """The model-selection flags are one declaration: every command that loads a model offers all of them."""
+    import click
+    import typer
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+    paths = [("generate",), ("ask",), ("bench", "ttft"), ("bench", "index"), ("eval", "qa"),
+             ("eval", "reconstruction"), ("index", "build"), ("index", "add")]
+    for path in paths:
+        command = root
+        for name in path:
+            command = command.get_command(ctx, name)  # type: ignore[union-attr]
+        flags = {opt for p in command.params for opt in p.opts}
+        assert {"--model", "--decoder", "--encoder", "--k", "--dtype"} <= flags, path

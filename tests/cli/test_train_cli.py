@@ -1,9 +1,10 @@
 from conftest import tiny_refrag
 from typer.testing import CliRunner
 
+from refrag import checkpoint
+from refrag.checkpoint import CheckpointManifest
 from refrag.cli import app
 from refrag.errors import CheckpointError
-from refrag.train.checkpoint import stage_of
 
 runner = CliRunner()
 TINY = ["--steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--max-chunks", "2", "--eval-every", "2",
@@ -11,7 +12,7 @@ TINY = ["--steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--max-c
 
 
 def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
-    base = tiny_refrag("llama", k=4).save(tmp_path / "tiny", save_encoder=True, save_decoder=True)
+    base = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "tiny", save_encoder=True, save_decoder=True)
     text = tmp_path / "train.txt"
     text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 200)
     data = ["--data", str(text)]
@@ -21,7 +22,7 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
         result = runner.invoke(app, ["train", stage, "--init", str(init), "--out", str(tmp_path / stage),
                                      *data, *TINY, *extra])
         assert result.exit_code == 0, result.output
-        assert stage_of(tmp_path / stage / "final") == stage
+        assert CheckpointManifest.read(tmp_path / stage / "final").stage == stage
     # skipping a stage is refused with the fix in the message
     result = runner.invoke(app, ["train", "mixed", "--init", str(tmp_path / "reconstruct" / "final"),
                                  "--out", str(tmp_path / "bad"), *data, *TINY, "--continuation-tokens", "8"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from refrag.errors import InputError
+from refrag.eval.methods import Method
 from refrag.eval.perplexity import (
     PerplexityOptions,
     _expanded,
@@ -111,10 +112,12 @@ def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_posit
     opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, seed=1, batch_size=2, expand=0.25)
     assert opts.method_names() == ["no_context", "full", "truncated", "refrag4", "refrag4+last25", "truncated7"]
     start = start_token(model.tokenizer)
-    (prefix,) = _prefixes(model, examples[:1], "refrag4+last25", opts, start)
+    expanded, plain_method = opts.methods()[4], opts.methods()[3]
+    assert (expanded.name, expanded.expanded, plain_method.name) == ("refrag4+last25", 1, "refrag4")
+    (prefix,) = _prefixes(model, examples[:1], expanded, opts, start)
     assert prefix[0] == [start] and [tuple(t.shape) for t in prefix[1:4]] == [(1, 64)] * 3
-    assert prefix[4] == list(examples[0].context[-4:])  # the chunk nearest the output, in place, as tokens
-    (plain,) = _prefixes(model, examples[:1], "refrag4", opts, start)
+    assert list(prefix[4]) == list(examples[0].context[-4:])  # the chunk nearest the output, in place, as tokens
+    (plain,) = _prefixes(model, examples[:1], plain_method, opts, start)
     torch.testing.assert_close(torch.cat(plain[1:4]), torch.cat(prefix[1:4]))  # same vectors for the others
     result = evaluate_perplexity(model, examples, opts, progress=False)
     assert set(result.per_example) == {*opts.method_names(), "foreign_vectors"}
@@ -122,9 +125,11 @@ def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_posit
 
 
 def test_random_expansion_is_seeded_per_example():
-    picks = {d: _expanded(32, 4, "random", 0, d) for d in range(5)}
+    chunks = [()] * 32  # only their number matters to these policies
+    rnd, last = Method("refrag", k=4, strategy="random", expanded=4), Method("refrag", k=4, strategy="last", expanded=4)
+    picks = {d: _expanded(chunks, rnd, 0, d) for d in range(5)}
     assert all(len(p) == 4 and p <= set(range(32)) for p in picks.values()) and len(set(map(frozenset, picks.values()))) > 1
-    assert _expanded(32, 4, "random", 0, 3) == picks[3] and _expanded(32, 4, "last", 0, 0) == {28, 29, 30, 31}
+    assert _expanded(chunks, rnd, 0, 3) == picks[3] and _expanded(chunks, last, 0, 0) == {28, 29, 30, 31}
     with pytest.raises(InputError, match="expand"):
         PerplexityOptions(expand=1.0)
 
@@ -139,3 +144,11 @@ def test_foreign_vectors_control_reads_the_next_examples_context(setup):
         assert "foreign_vectors" not in alone.per_example  # one example: nothing foreign to read
         assert result.per_example["foreign_vectors"][i] == pytest.approx(alone.per_example["refrag4"][0], abs=1e-4)
     assert result.per_example["foreign_vectors"] != pytest.approx(result.per_example["refrag4"], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["no_context", "full", "truncated", "truncated152", "refrag16", "refrag16+last25",
+                                  "refrag8+random10", "no_context_adapter", "foreign_vectors"])
+def test_method_names_round_trip(name):
+    method = Method.from_name(name, 512, 16)
+    assert method is not None and method.name == name
+    assert Method.from_name("refragX", 512, 16) is None

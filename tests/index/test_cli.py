@@ -11,7 +11,10 @@ from conftest import tiny_refrag
 from index_helpers import corpus, retrieval_spec  # noqa: F401
 from typer.testing import CliRunner
 
+from refrag import checkpoint
+from refrag.cli import ask as ask_cli
 from refrag.cli import index as cli
+from refrag.cli.common import ModelChoice
 from refrag.errors import CheckpointError
 from refrag.index import Index
 
@@ -20,8 +23,8 @@ from refrag.index import Index
 def app() -> typer.Typer:
     app = typer.Typer()
     app.add_typer(cli.app, name="index")
-    app.command("search")(cli.search_cmd)
-    app.command("ask")(cli.ask_cmd)
+    app.command("search")(ask_cli.search_cmd)
+    app.command("ask")(ask_cli.ask_cmd)
     return app
 
 
@@ -34,7 +37,7 @@ def run(app, *args: str):
 
 
 def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
-    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
     idx = tmp_path / "idx"
     built = json.loads(run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder",
                            retrieval_spec, "--passage-tokens", 16, "--json"))
@@ -55,8 +58,8 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
 
 
 def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):
-    ckpt = tiny_refrag("llama", k=4).save(tmp_path / "ckpt4", save_encoder=True, save_decoder=True)
-    other = tiny_refrag("llama", k=8).save(tmp_path / "ckpt8", save_encoder=True, save_decoder=True)
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt4", save_encoder=True, save_decoder=True)
+    other = checkpoint.save(tiny_refrag("llama", k=8), tmp_path / "ckpt8", save_encoder=True, save_decoder=True)
     idx = tmp_path / "idx"
     run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
         "--passage-tokens", 16, "--json")
@@ -66,9 +69,9 @@ def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):
 
 def test_ask_finds_the_checkpoint_the_index_was_built_from(app, corpus, tmp_path, retrieval_spec):
     saved = tiny_refrag("llama", k=4)
-    ckpt = saved.save(tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    ckpt = checkpoint.save(saved, tmp_path / "ckpt", save_encoder=True, save_decoder=True)
     idx = tmp_path / "idx"
     run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
         "--passage-tokens", 16, "--json")
-    loaded = cli._model(Index.open(idx), None, None, None, None, "float32", False)  # what `ask` uses
+    loaded = ModelChoice(dtype="float32").for_index(Index.open(idx)).load(progress=False)  # what `ask` uses
     torch.testing.assert_close(loaded.projector.fc1.weight, saved.projector.fc1.weight)  # trained, not fresh

@@ -76,12 +76,38 @@ def test_cpt_and_mixed_validate_their_options(tmp_path):
         reconstruct(model, corpus(model), StageOptions(train_decoder="full"), options(tmp_path))
 
 
-def test_mixed_trains_with_expanded_chunks(tmp_path):
+def test_mixed_trains_with_expanded_chunks(tmp_path, monkeypatch):
+    """The expanded chunks of mixed-input training reach the decoder as their raw tokens, in place."""
+    from refrag.train import objectives
+
+    seen = []
+    layouts_of = objectives.example_layouts
+
+    def spy(model, examples):
+        layouts = layouts_of(model, examples)
+        seen.extend(zip(examples, layouts))
+        return layouts
+
+    monkeypatch.setattr(objectives, "example_layouts", spy)
     model = tiny_refrag("llama", k=4)
     result = mixed(model, corpus(model), StageOptions(max_chunks=4, continuation_tokens=6, expand_fraction=0.5,
                                                       train_decoder="full", eval_per_type=2),
                    options(tmp_path, steps=2))
     assert np.isfinite(result.final_loss) and (tmp_path / "final" / "decoder").is_dir()
+    expanded = [(ex, lay) for ex, lay in seen if ex.expanded]
+    assert expanded  # p = 0.5 over 2 steps x 8 examples: some chunks were expanded
+    for ex, lay in expanded:
+        n = len(ex.context) // 4
+        assert int(lay.is_vector.sum()) == n - len(ex.expanded)  # one vector per compressed chunk only
+        pos = 1  # after the start token
+        for i in range(n):
+            if i in ex.expanded:
+                assert lay.token_ids[pos : pos + 4].tolist() == list(ex.context[4 * i : 4 * i + 4])
+                assert not lay.is_vector[pos : pos + 4].any()
+                pos += 4
+            else:
+                assert lay.is_vector[pos]
+                pos += 1
 
 
 def test_warmup_then_cosine():

@@ -5,10 +5,10 @@ from conftest import tiny_refrag
 
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import IGNORE_INDEX, start_token
-from refrag.train.common import StageOptions
+from refrag.train import cpt, mixed, reconstruct
+from refrag.train.common import StageOptions, check_stage_order
 from refrag.train.objectives import (
     Example,
-    check_stage_order,
     choose_random_expanded,
     example_layouts,
     teacher_layouts,
@@ -56,11 +56,12 @@ def test_loss_counts_only_labelled_tokens():
     ("mixed", "reconstruct", False), ("mixed", "cpt", True),
 ])
 def test_stage_order(stage, init, ok):
+    recipe = {"reconstruct": reconstruct, "cpt": cpt, "mixed": mixed}[stage].RECIPE
     if ok:
-        check_stage_order(stage, init)
+        check_stage_order(recipe, init)
     else:
         with pytest.raises(CheckpointError, match="reconstruct -> cpt -> mixed"):
-            check_stage_order(stage, init)
+            check_stage_order(recipe, init)
 
 
 def test_random_expansion_never_leaves_an_example_without_a_compressed_chunk():

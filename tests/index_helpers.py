@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer, tiny_encoder, tiny_refrag
 
-from refrag.index import IndexOptions, RetrievalEncoder
+from refrag.index import Index, IndexOptions, RetrievalEncoder
 
 DOCS = [
     ("Paris", "Paris is the capital of France. Rivers flow to the sea through Paris."),
@@ -60,3 +60,7 @@ def rmodel():
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus")
+
+
+def build(corpus: Path, tmp_path: Path, rmodel, options: IndexOptions) -> Index:
+    return Index.build(corpus, tmp_path / "idx", rmodel, options, progress=False)

@@ -1,6 +1,6 @@
-"""Training checkpoints: a folder (written atomically) holding everything an EXACT resume needs.
+"""Training state: a folder (written atomically) holding everything an EXACT resume needs.
 
-``<out>/checkpoint/``: ``model/`` (a plain refrag checkpoint, loadable by ``RefragModel.load`` for eval),
+``<out>/checkpoint/``: ``model/`` (a plain refrag checkpoint, loadable by ``refrag.load_model`` for eval),
 ``trainable.safetensors`` (fp32 master weights of every trained parameter), ``optimizer.safetensors`` +
 ``trainer.json`` (AdamW moments and step counts, param groups, the step, the RNG state). No pickle.
 """
@@ -8,15 +8,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from refrag import checkpoint
 from refrag.errors import CheckpointError
 from refrag.io import atomic_dir, write_json_atomic
-from refrag.modeling import RefragModel, read_manifest
+from refrag.modeling import RefragModel
 
 CHECKPOINT = "checkpoint"
 FINAL = "final"
@@ -32,22 +33,17 @@ def trainable_names(model: RefragModel) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def stage_of(path: str | Path) -> str | None:
-    """The training stage recorded in a refrag checkpoint (None for an untrained/unknown one)."""
-    return read_manifest(Path(path)).get("config", {}).get("extra", {}).get("stage")
-
-
 def save_model(model: RefragModel, path: Path, stage: str, step: int) -> Path:
     """A refrag checkpoint recording its stage; trained parts are saved, frozen ones referenced by name (a
     LoRA adapter is saved on its own, the decoder it adapts stays referenced)."""
-    model.config.extra = {**model.config.extra, "stage": stage, "steps": str(step)}
+    model.config = replace(model.config, extra={**model.config.extra, "stage": stage, "steps": str(step)})
     params = dict(model.named_parameters())
     train_enc = any(params[n].requires_grad for n in params if n.startswith("encoder."))
     train_dec = any(params[n].requires_grad for n in params if n.startswith("decoder.") and "lora_" not in n)
-    return model.save(path, save_encoder=train_enc, save_decoder=train_dec)
+    return checkpoint.save(model, path, save_encoder=train_enc, save_decoder=train_dec)
 
 
-def save_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
+def save_state(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:
     params = dict(model.named_parameters())
     names = trainable_names(model)
     with atomic_dir(out_dir / CHECKPOINT) as tmp:
@@ -62,7 +58,7 @@ def save_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Op
         })
 
 
-def load_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer) -> TrainerState:
+def load_state(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore trained weights, optimizer moments and RNG from ``<out>/checkpoint``; returns the step."""
     folder = out_dir / CHECKPOINT
     try:
@@ -88,13 +84,3 @@ def load_checkpoint(out_dir: Path, model: RefragModel, optimizer: torch.optim.Op
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"])
     return TrainerState(step=int(meta["step"]), stage=meta["stage"])
-
-
-def export_model(source: str | Path, target: str | Path) -> Path:
-    """The shippable copy of a trained checkpoint: trained parts stored in bf16 (half the bytes), frozen
-    built-in parts referenced by name."""
-    model = RefragModel.load(source, dtype="bfloat16", progress=False)
-    original = read_manifest(Path(source))["config"]
-    model.config.encoder, model.config.decoder = original["encoder"], original["decoder"]  # names, not paths
-    return model.save(target, save_encoder=(Path(source) / "encoder").is_dir(),
-                      save_decoder=(Path(source) / "decoder").is_dir())

@@ -69,6 +69,36 @@ class RecallReport:
     encode_s: float
 
 
+def _time_retrieval(index: Index, queries: BenchQueries, progress: bool) -> tuple[list[float], list[float]]:
+    """Milliseconds per search: whole (query encoding + vector search + metadata) and vector search alone."""
+    retriever = index.retriever
+    for q in queries.questions[:3]:  # warm-up
+        index.search(q, queries.top_k)
+    search_ms, vector_ms = [], []
+    for q in tqdm(list(queries.questions) * 5, desc="retrieval", disable=not progress):
+        t = time.perf_counter()
+        index.search(q, queries.top_k)
+        search_ms.append((time.perf_counter() - t) * 1e3)
+        vec = retriever.encode([q])
+        t = time.perf_counter()
+        index.store.search(vec, queries.top_k)
+        vector_ms.append((time.perf_counter() - t) * 1e3)
+    return search_ms, vector_ms
+
+
+def _time_ttft(pipe: Pipeline, queries: BenchQueries, progress: bool) -> dict[str, list[float]]:
+    """TTFT (retrieval included) per mode, the modes interleaved so machine noise hits both alike."""
+    sampling = SamplingOptions(max_new_tokens=1)
+    ttft: dict[str, list[float]] = {"full": [], "refrag": []}
+    pipe.ask(queries.questions[0], top_k=queries.top_k, compression=CompressionOptions(mode="full"),
+             sampling=sampling)  # warm-up
+    for q in tqdm(queries.questions[:queries.ttft_questions], desc="ttft", disable=not progress):
+        for mode in ("full", "refrag"):
+            result = pipe.ask(q, top_k=queries.top_k, compression=CompressionOptions(mode=mode), sampling=sampling)
+            ttft[mode].append(result.ttft_s)
+    return ttft
+
+
 def _disk_bytes(path: Path) -> dict:
     parts = {"chunks": 0, "metadata": 0, "vectors": 0, "manifest": 0}
     for f in path.rglob("*"):
@@ -79,6 +109,15 @@ def _disk_bytes(path: Path) -> dict:
     return parts
 
 
+@dataclass(frozen=True)
+class BenchQueries:
+    """The questions the retrieval and TTFT timings ask."""
+
+    questions: tuple[str, ...] = QUESTIONS
+    top_k: int = 5
+    ttft_questions: int = 5  # questions answered in both modes for the TTFT ratio
+
+
 def bench_index(
     corpus: Sequence[str | Path],
     out: str | Path,
@@ -86,46 +125,24 @@ def bench_index(
     options: IndexOptions = IndexOptions(),
     *,
     reuse: bool = False,
-    questions: Sequence[str] = QUESTIONS,
-    top_k: int = 5,
-    ttft_questions: int = 5,
+    queries: BenchQueries = BenchQueries(),
     progress: bool = True,
 ) -> IndexBenchReport:
     """Build (or, with ``reuse``, open) the index at ``out``; then time retrieval and TTFT in both modes."""
     out = Path(out)
     index = Index.open(out) if reuse and (out / "index.json").exists() else Index.build(
         corpus, out, model, options, progress=progress)
-    build = index.manifest["builds"][0]
-    pipe = Pipeline(index, model)
-
-    retriever = index.retriever
-    for q in questions[:3]:  # warm-up
-        index.search(q, top_k)
-    search_ms, vector_ms = [], []
-    for q in tqdm(list(questions) * 5, desc="retrieval", disable=not progress):
-        t = time.perf_counter()
-        index.search(q, top_k)
-        search_ms.append((time.perf_counter() - t) * 1e3)
-        vec = retriever.encode([q])
-        t = time.perf_counter()
-        index.store.search(vec, top_k)
-        vector_ms.append((time.perf_counter() - t) * 1e3)
-
-    sampling = SamplingOptions(max_new_tokens=1)
-    ttft: dict[str, list[float]] = {"full": [], "refrag": []}
-    pipe.ask(questions[0], top_k=top_k, compression=CompressionOptions(mode="full"), sampling=sampling)
-    for q in tqdm(questions[:ttft_questions], desc="ttft", disable=not progress):
-        for mode in ("full", "refrag"):  # interleaved, so machine noise hits both alike
-            result = pipe.ask(q, top_k=top_k, compression=CompressionOptions(mode=mode), sampling=sampling)
-            ttft[mode].append(result.ttft_s)
-
+    build = index.manifest.builds[0]
+    search_ms, vector_ms = _time_retrieval(index, queries, progress)
+    ttft = _time_ttft(Pipeline(index, model), queries, progress)
+    top_k = queries.top_k
     disk = _disk_bytes(out)
     full, refrag = statistics.median(ttft["full"]), statistics.median(ttft["refrag"])
     return IndexBenchReport(
         machine=machine_info(),
         load_average=os.getloadavg(),
         passages=len(index),
-        chunks=sum(e["chunks"] for e in index.manifest["shards"]),
+        chunks=sum(e["chunks"] for e in index.manifest.shards),
         build_s=build["total_s"],
         passages_per_s=build["passages"] / build["total_s"],
         chunks_per_s=build["chunks"] / build["chunk_encode_s"],

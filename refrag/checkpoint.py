@@ -1,0 +1,220 @@
+"""Checkpoint folders: the typed manifest, save / load, and ``load_model`` (what a user typed -> a RefragModel).
+
+A checkpoint folder (written atomically)::
+
+    refrag.json             versioned manifest: the RefragConfig and where each component is
+    projector.safetensors   the projector (fp32 or bf16)
+    encoder/                the chunk encoder, when it was trained (else referenced by its spec)
+    decoder/                the decoder, when it was trained in full (else referenced by its spec)
+    decoder_adapter/        the decoder's LoRA adapter (peft format), when one was trained
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, RefragConfig
+from refrag.errors import CheckpointError, InputError
+from refrag.io import atomic_dir, write_json_atomic
+from refrag.manifest import ManifestKind, read_manifest
+from refrag.modeling import RefragModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpoint",
+                          "or a half-copied one: restore it or re-save the model")
+MANIFEST = CHECKPOINT.filename
+ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
+PROJECTOR = "projector.safetensors"
+# The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
+
+
+@dataclass(frozen=True)
+class CheckpointManifest:
+    """refrag.json: the model's config and where each component lives (a folder inside, or a spec)."""
+
+    config: RefragConfig
+    components: dict[str, str]  # "encoder" / "decoder" -> folder name inside the checkpoint or a model spec
+    encoder_hidden: int
+    decoder_hidden: int
+
+    @property
+    def adapter(self) -> str | None:
+        return self.components.get(ADAPTER)
+
+    @property
+    def stage(self) -> str | None:
+        """The training stage that wrote it (None for an untrained one)."""
+        return self.config.extra.get("stage")
+
+    def to_json(self) -> dict:
+        return {**CHECKPOINT.header(), "config": asdict(self.config), "components": dict(self.components),
+                "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden}
+
+    @classmethod
+    def read(cls, path: str | Path) -> CheckpointManifest:
+        path = Path(path)
+        raw = read_manifest(path, CHECKPOINT)
+        try:
+            known = {f.name for f in fields(RefragConfig)}
+            config = RefragConfig(**{k: v for k, v in raw["config"].items() if k in known})
+            return cls(config, dict(raw["components"]), int(raw["encoder_hidden"]), int(raw["decoder_hidden"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path}/{MANIFEST} is not a valid checkpoint manifest ({e}); re-save the model.") from e
+
+
+@contextlib.contextmanager
+def _hf_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights") follow ``progress``; the global setting is restored after."""
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def from_config(config: RefragConfig, *, progress: bool = True) -> RefragModel:
+    """Fresh parts: the decoder and encoder named in ``config`` (built-in names, folders or HF ids), a new
+    (untrained) projector."""
+    from refrag.models import resolve
+
+    dtype = getattr(torch, config.dtype)
+    dec = resolve(config.decoder, progress=progress).path
+    enc = resolve(config.encoder, progress=progress).path
+    with _hf_progress(progress):
+        return RefragModel(
+            config,
+            encoder=AutoModel.from_pretrained(enc, dtype=dtype),
+            encoder_tokenizer=AutoTokenizer.from_pretrained(enc),
+            decoder=AutoModelForCausalLM.from_pretrained(dec, dtype=dtype),
+            decoder_tokenizer=AutoTokenizer.from_pretrained(dec),
+        )
+
+
+def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, save_decoder: bool = False) -> Path:
+    """Write a checkpoint folder atomically: manifest + projector (+ encoder / decoder HF folders, adapter).
+
+    Components not saved are referenced by their spec in the manifest (e.g. a frozen built-in decoder).
+    """
+    path = Path(path)
+    if save_decoder and model.has_adapter:
+        raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
+                         "(the manifest references the base decoder by its name or folder).")
+    with atomic_dir(path) as tmp:
+        config = model.config
+        components = {"encoder": config.encoder, "decoder": config.decoder}
+        for name, part, tok, keep in (
+            ("encoder", model.encoder, model.encoder_tokenizer, save_encoder),
+            ("decoder", model.decoder, model.tokenizer, save_decoder),
+        ):
+            if keep:
+                part.save_pretrained(tmp / name, safe_serialization=True)
+                tok.save_pretrained(tmp / name)
+                components[name] = name  # inside the checkpoint, not where it was loaded from
+                config = replace(config, **{name: name})
+        if model.has_adapter:
+            model.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
+            (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
+            components[ADAPTER] = ADAPTER
+        state = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
+        save_file(state, str(tmp / PROJECTOR))
+        manifest = CheckpointManifest(config, components, model.encoder.config.hidden_size, model.hidden_size)
+        write_json_atomic(tmp / MANIFEST, manifest.to_json())
+    return path
+
+
+def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -> RefragModel:
+    """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors."""
+    path = Path(path)
+    manifest = CheckpointManifest.read(path)
+    parts = {name: str(path / spec) if (path / spec).is_dir() else spec
+             for name in ("encoder", "decoder") for spec in [manifest.components[name]]}
+    config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}))
+    try:
+        state = load_file(str(path / PROJECTOR))
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"{path}/{PROJECTOR} is missing or corrupt ({e}).") from e
+    model = from_config(config, progress=progress)
+    expected = (model.hidden_size, model.encoder.config.hidden_size)
+    got = tuple(state.get("fc1.weight", torch.empty(0, 0)).shape)
+    if got != expected:
+        raise CheckpointError(
+            f"{path}: projector maps encoder {got[1:]} -> decoder {got[:1]}, but the loaded encoder/decoder "
+            f"have hidden sizes {expected[1]} / {expected[0]}. Load it with the models it was trained for."
+        )
+    try:
+        model.projector.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}/{PROJECTOR} does not match the projector: {e}") from e
+    model.projector.to(device=model.device, dtype=model.dtype)
+    if manifest.adapter is not None:
+        model.attach_adapter(path / manifest.adapter)
+    return model
+
+
+def export(source: str | Path, target: str | Path) -> Path:
+    """The shippable copy of a trained checkpoint: trained parts stored in bf16 (half the bytes), frozen
+    built-in parts referenced by name."""
+    original = CheckpointManifest.read(source).config
+    model = load(source, dtype="bfloat16", progress=False)
+    model.config = replace(model.config, encoder=original.encoder, decoder=original.decoder)  # names, not paths
+    return save(model, target, save_encoder=(Path(source) / "encoder").is_dir(),
+                save_decoder=(Path(source) / "decoder").is_dir())
+
+
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    decoder: str | None = None,
+    encoder: str | None = None,
+    k: int | None = None,
+    dtype: str = "bfloat16",
+    progress: bool = True,
+    merge: bool = True,
+) -> RefragModel:
+    """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
+
+    ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
+    16); given together with a checkpoint they must agree with it. ``merge`` keeps a merged copy of an adapted
+    decoder for compressed inputs (faster decoding, one more decoder's memory, ~1 s); commands that only encode
+    chunks (index build/add/bench) pass False. A fresh projector is untrained: compressed chunks are then noise
+    to the decoder (full mode is unaffected).
+    """
+    is_default = (decoder or DEFAULT_DECODER, encoder or DEFAULT_ENCODER, k or DEFAULT_K) == (
+        DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
+    if checkpoint is not None:  # the user's own: what else they asked for must agree with it
+        _check_agrees(CheckpointManifest.read(checkpoint), checkpoint, decoder=decoder, encoder=encoder, k=k)
+    elif is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
+        checkpoint = DEFAULT_CHECKPOINT
+    if checkpoint is not None:
+        model = load(checkpoint, dtype=dtype, progress=progress)
+        if merge:
+            model.merge_adapter()  # a no-op without an adapter
+        return model
+    config = RefragConfig(decoder=decoder or DEFAULT_DECODER, encoder=encoder or DEFAULT_ENCODER,
+                          k=k or DEFAULT_K, dtype=dtype)  # type: ignore[arg-type]
+    model = from_config(config, progress=progress)
+    log.warning("no trained compressor for %s + %s at k=%d: the projector is untrained",
+                config.decoder, config.encoder, config.k)
+    return model
+
+
+def _check_agrees(manifest: CheckpointManifest, path, **asked: str | int | None) -> None:
+    """--k / --decoder / --encoder given with a checkpoint must be what it was trained with, not dropped."""
+    have = {"k": manifest.config.k, "decoder": manifest.config.decoder, "encoder": manifest.config.encoder}
+    wrong = [f"--{name} {value} (the checkpoint has {have[name]})" for name, value in asked.items()
+             if value is not None and value != have[name]]
+    if wrong:
+        raise InputError(f"{path} was trained with other settings: {', '.join(wrong)}. Drop those options to use "
+                         "the checkpoint as it is, or load the models without --model.")

@@ -1,0 +1,94 @@
+"""`refrag search` and `refrag ask`: retrieval, and retrieval-augmented answers, over an index."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, get_args
+
+import typer
+
+from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.config import Mode
+
+IndexPath = Annotated[Path, typer.Argument(help="index folder")]
+TopK = Annotated[int, typer.Option("--top-k", help="passages to retrieve")]
+BOTH = "both"  # every Mode, one after the other, and the TTFT ratio
+
+
+def parse_modes(mode: str) -> tuple[Mode, ...]:
+    """``full``, ``refrag`` or ``both`` -> the modes to answer in."""
+    from refrag.errors import InputError
+
+    modes = get_args(Mode)
+    if mode == BOTH:
+        return modes
+    if mode not in modes:
+        raise InputError(f"--mode must be {', '.join(modes)} or {BOTH} (got {mode!r}).")
+    return (mode,)  # type: ignore[return-value]
+
+
+def _where(meta) -> str:
+    return f"{meta.source}:{meta.line}" if meta.line else f"{meta.source}@{meta.offset}"
+
+
+def search_cmd(index_path: IndexPath, query: Annotated[str, typer.Argument(help="query text")],
+               top_k: TopK = 5, json_out: Json = False) -> None:
+    """Print the passages most similar to QUERY."""
+    setup_torch()
+    from refrag.index import Index
+
+    hits = Index.open(index_path).search(query, top_k)
+    if json_out:
+        print_json([{"id": h.id, "score": h.score, **asdict(h.meta)} for h in hits])
+        return
+    for rank, h in enumerate(hits, 1):
+        typer.secho(f"{rank}. [{h.score:.3f}] {h.meta.title} ({_where(h.meta)})", bold=True)
+        typer.echo(f"   {h.meta.text}")
+
+
+@model_options()
+def ask_cmd(
+    index_path: IndexPath,
+    question: Annotated[str, typer.Argument(help="the question")],
+    top_k: TopK = 5,
+    mode: Annotated[str, typer.Option(help="refrag (stored chunk vectors), full (passages as tokens) or both")] = "refrag",
+    max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 64,
+    json_out: Json = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Retrieve, compress with the stored chunk vectors, generate; prints the answer, sources and timings.
+
+    ``--mode both`` answers in full then refrag mode and prints the TTFT ratio. Unset model options default to
+    what built the index.
+    """
+    setup_torch()
+    from refrag.config import CompressionOptions, SamplingOptions
+    from refrag.index import Index
+    from refrag.pipeline import Pipeline
+
+    modes = parse_modes(mode)
+    index = Index.open(index_path)
+    pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+    sampling = SamplingOptions(max_new_tokens=max_new_tokens)
+    results = {m: pipe.ask(question, top_k=top_k, compression=CompressionOptions(mode=m), sampling=sampling)
+               for m in modes}
+    ratio = results["full"].ttft_s / results["refrag"].ttft_s if len(modes) > 1 else None
+    if json_out:
+        answers = [{"mode": m, "answer": r.answer.text, "ttft_s": r.ttft_s, "retrieval_s": r.retrieval_s,
+                    "timings": asdict(r.answer.timings), "decoder_positions": r.answer.decoder_positions,
+                    "context_tokens": r.answer.context_tokens} for m, r in results.items()]
+        sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
+                   for h in results[modes[0]].hits]
+        print_json({"question": question, "answers": answers, "sources": sources, "ttft_ratio": ratio})
+        return
+    for m, r in results.items():
+        t = r.answer.timings
+        typer.secho(f"[{m}] {r.answer.text}", bold=True)
+        typer.echo(f"  TTFT {r.ttft_s:.3f}s (retrieval {r.retrieval_s * 1e3:.1f} ms, prefill {t.prefill_s:.3f}s, "
+                   f"{r.answer.decoder_positions} decoder positions for {r.answer.context_tokens} context tokens)")
+    for rank, h in enumerate(results[modes[0]].hits, 1):
+        typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
+    if ratio is not None:
+        typer.secho(f"TTFT full / refrag: {ratio:.1f}x", bold=True)

@@ -1,0 +1,86 @@
+"""index.json as typed dataclasses: what the stored chunk encodings are keyed to, the retrieval settings, the
+shards and the build history. Read through the shared versioned-manifest reader (:mod:`refrag.manifest`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refrag.config import DEFAULT_DECODER
+from refrag.errors import CheckpointError
+from refrag.manifest import ManifestKind, read_manifest
+from refrag.modeling import RefragModel
+
+INDEX = ManifestKind("index.json", "refrag-index", 1, "refrag index", "build one with `refrag index build`")
+
+
+@dataclass(frozen=True)
+class EncoderKey:
+    """What stored chunk encodings depend on: the chunk encoder's weights and settings, k, the tokenizer."""
+
+    k: int
+    chunk_encoder: str  # its spec (a checkpoint's encoder/ folder when it was fine-tuned)
+    chunk_encoder_sha256: str
+    pooling: str
+    encoder_max_tokens: int
+    tokenizer_sha256: str
+
+    @classmethod
+    def of(cls, model: RefragModel) -> EncoderKey:
+        h = hashlib.sha256()
+        for name, tensor in sorted(model.encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+        return cls(model.k, model.config.encoder, h.hexdigest(), model.config.pooling,
+                   model.config.encoder_max_tokens, hashlib.sha256(vocab).hexdigest())
+
+    def differences(self, other: EncoderKey) -> list[str]:
+        """'field: index X vs model Y' for every field that differs (``self`` is the index's)."""
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{key}: index {mine[key]!r} vs model {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+
+
+@dataclass(frozen=True)
+class RetrievalInfo:
+    encoder: str  # sentence-transformers model of the passage / query vectors
+    dim: int
+    store: dict[str, Any]  # StoreOptions.to_json()
+
+
+@dataclass
+class IndexManifest:
+    """The whole index.json (``shards`` and ``builds`` grow with every ``add``)."""
+
+    passage_tokens: int
+    decoder: str  # default decoder for `refrag ask` (only its tokenizer is keyed)
+    model: EncoderKey
+    chunk_dim: int
+    retrieval: RetrievalInfo
+    chunk_dtype: str = "bfloat16"
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {"name", "passages", "chunks"} per shard
+    builds: list[dict[str, Any]] = field(default_factory=list)  # BuildStats of the build and of every add
+
+    def to_json(self) -> dict[str, Any]:
+        return {**INDEX.header(), **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], where: Path) -> IndexManifest:
+        try:
+            return cls(
+                passage_tokens=int(raw["passage_tokens"]), decoder=str(raw.get("decoder", DEFAULT_DECODER)),
+                model=EncoderKey(**raw["model"]), chunk_dim=int(raw["chunk_dim"]),
+                retrieval=RetrievalInfo(**raw["retrieval"]), chunk_dtype=str(raw.get("chunk_dtype", "bfloat16")),
+                shards=list(raw["shards"]), builds=list(raw.get("builds", [])),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}/{INDEX.filename} is not a valid index manifest ({e}); rebuild the index.") from e
+
+    @classmethod
+    def read(cls, path: Path) -> IndexManifest:
+        return cls.from_json(read_manifest(path, INDEX), path)

@@ -1,0 +1,119 @@
+"""Checkpoint folders: save / load round trips, the typed manifest, damaged files, and load_model's checks."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_refrag, with_trained_lora
+
+from refrag import checkpoint
+from refrag.checkpoint import CheckpointManifest, load_model
+from refrag.errors import CheckpointError, InputError
+from refrag.index.manifest import INDEX
+from refrag.manifest import read_manifest
+from refrag.modeling import segments_layout
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_refrag("llama")
+    with torch.no_grad():
+        model.projector.gain.mul_(1.5)
+    path = checkpoint.save(model, tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    assert sorted(p.name for p in path.iterdir()) == ["decoder", "encoder", "projector.safetensors", "refrag.json"]
+    loaded = checkpoint.load(path, dtype="float32", progress=False)
+    texts = ["Paris is the capital", "of France."]
+    torch.testing.assert_close(loaded.embed_chunks(texts), model.embed_chunks(texts))
+    assert loaded.k == model.k and not list(tmp_path.glob(".ckpt.tmp-*"))
+
+
+def test_corrupt_checkpoints_give_clear_errors(tmp_path):
+    model = tiny_refrag("llama")
+    good = checkpoint.save(model, tmp_path / "good", save_encoder=True, save_decoder=True)
+    with pytest.raises(CheckpointError, match="not a folder"):
+        checkpoint.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no refrag.json"):
+        checkpoint.load(tmp_path / "empty")
+    (good / "refrag.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(good)
+
+
+def test_projector_shape_mismatch_is_rejected(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    manifest = json.loads((path / "refrag.json").read_text())
+    (path / "projector.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="projector.safetensors"):
+        checkpoint.load(path, progress=False)
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(3, 3) for k in ("fc1.weight",)}, str(path / "projector.safetensors"))
+    with pytest.raises(CheckpointError, match="hidden sizes"):
+        checkpoint.load(path, progress=False)
+    assert manifest["encoder_hidden"] == 32
+
+
+def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
+    model = with_trained_lora(tmp_path)
+    with pytest.raises(InputError, match="adapter alone"):
+        checkpoint.save(model, tmp_path / "bad", save_decoder=True)
+    assert not (tmp_path / "bad").exists()
+    path = checkpoint.save(model, tmp_path / "ckpt", save_encoder=True)
+    assert (path / "decoder_adapter" / "adapter_model.safetensors").is_file()
+    assert not (path / "decoder_adapter" / "README.md").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # peft's deprecation noise is silenced
+        loaded = checkpoint.load(path, dtype="float32", progress=False)
+    assert loaded.has_adapter
+    inputs = model.build_inputs([segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)])
+    torch.testing.assert_close(loaded.decoder_logits(inputs), model.decoder_logits(inputs))
+    (path / "decoder_adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(CheckpointError, match="adapter"):
+        checkpoint.load(path, progress=False)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_load_model_merges_the_adapter_only_when_asked(tmp_path, merge):
+    path = checkpoint.save(with_trained_lora(tmp_path), tmp_path / "ckpt", save_encoder=True)
+    loaded = load_model(path, dtype="float32", progress=False, merge=merge)
+    assert loaded.has_adapter and (loaded.merged_decoder is not None) == merge
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_loading_bars_follow_progress(tmp_path, capfd, progress):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    capfd.readouterr()
+    checkpoint.load(path, dtype="float32", progress=progress)
+    assert ("Loading weights" in capfd.readouterr().err) is progress
+
+
+def test_the_manifest_is_typed_and_version_checked(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    manifest = CheckpointManifest.read(path)
+    assert manifest.config.k == 4 and manifest.components["encoder"] == "encoder" and manifest.adapter is None
+    raw = json.loads((path / "refrag.json").read_text())
+    (path / "refrag.json").write_text(json.dumps({**raw, "version": 99}))
+    with pytest.raises(CheckpointError, match="newer refrag"):
+        checkpoint.load(path, progress=False)
+    (path / "refrag.json").write_text(json.dumps({**raw, "config": "nope"}))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint manifest"):
+        checkpoint.load(path, progress=False)
+
+
+def test_one_reader_for_checkpoint_and_index_manifests(tmp_path):
+    (tmp_path / "index.json").write_text(json.dumps({"format": "refrag-index", "version": 7}))
+    with pytest.raises(CheckpointError, match="newer refrag"):
+        read_manifest(tmp_path, INDEX)
+    with pytest.raises(CheckpointError, match="not a refrag checkpoint manifest"):
+        (tmp_path / "refrag.json").write_text(json.dumps({"format": "refrag-index", "version": 1}))
+        checkpoint.load(tmp_path)
+
+
+def test_options_that_contradict_the_checkpoint_are_errors(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    with pytest.raises(InputError, match="--k 16 .the checkpoint has 4"):
+        load_model(path, k=16, dtype="float32", progress=False)
+    with pytest.raises(InputError, match="--encoder other"):
+        load_model(path, encoder="other", dtype="float32", progress=False)
+    assert load_model(path, k=4, dtype="float32", progress=False).k == 4  # agreeing is fine

@@ -4,7 +4,8 @@ A checkpoint folder (written atomically)::
 
     refrag.json             versioned manifest: the RefragConfig and where each component is
     projector.safetensors   the projector (fp32 or bf16)
-    encoder/                the chunk encoder, when it was trained (else referenced by its spec)
+    encoder/                the chunk encoder, when it was trained (else referenced by its spec): a Hugging Face
+                            folder for a text encoder; encoder.safetensors (adapter only) for ``self`` / ``tokens``
     decoder/                the decoder, when it was trained in full (else referenced by its spec)
     decoder_adapter/        the decoder's LoRA adapter (peft format), when one was trained
 """
@@ -19,10 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, RefragConfig
+from refrag.encoders import SELF, TOKENS, build_encoder
 from refrag.errors import CheckpointError, InputError
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.manifest import ManifestKind, read_manifest
@@ -35,6 +37,7 @@ CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpo
 MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
 PROJECTOR = "projector.safetensors"
+BUILT_FROM_DECODER = (SELF, TOKENS)  # encoders rebuilt from the decoder at load: only their trained part is saved
 # The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
 
@@ -85,21 +88,15 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
 
 
 def from_config(config: RefragConfig, *, progress: bool = True) -> RefragModel:
-    """Fresh parts: the decoder and encoder named in ``config`` (built-in names, folders or HF ids), a new
-    (untrained) projector."""
+    """Fresh parts: the decoder and chunk encoder named in ``config`` (built-in names, folders or HF ids; the
+    ``self`` / ``tokens`` encoders are built from the decoder), a new (untrained) projector."""
     from refrag.models import resolve
 
-    dtype = getattr(torch, config.dtype)
     dec = resolve(config.decoder, progress=progress).path
-    enc = resolve(config.encoder, progress=progress).path
     with _hf_progress(progress):
-        return RefragModel(
-            config,
-            encoder=AutoModel.from_pretrained(enc, dtype=dtype),
-            encoder_tokenizer=AutoTokenizer.from_pretrained(enc),
-            decoder=AutoModelForCausalLM.from_pretrained(dec, dtype=dtype),
-            decoder_tokenizer=AutoTokenizer.from_pretrained(dec),
-        )
+        decoder = AutoModelForCausalLM.from_pretrained(dec, dtype=getattr(torch, config.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(dec)
+        return RefragModel(config, build_encoder(config, decoder, tokenizer, progress=progress), decoder, tokenizer)
 
 
 def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, save_decoder: bool = False) -> Path:
@@ -114,22 +111,23 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
     with atomic_dir(path) as tmp:
         config = model.config
         components = {"encoder": config.encoder, "decoder": config.decoder}
-        for name, part, tok, keep in (
-            ("encoder", model.encoder, model.encoder_tokenizer, save_encoder),
-            ("decoder", model.decoder, model.tokenizer, save_decoder),
-        ):
-            if keep:
-                part.save_pretrained(tmp / name, safe_serialization=True)
-                tok.save_pretrained(tmp / name)
-                components[name] = name  # inside the checkpoint, not where it was loaded from
-                config = replace(config, **{name: name})
+        if save_encoder:
+            model.encoder.save(tmp / "encoder")
+            components["encoder"] = "encoder"  # inside the checkpoint, not where it was loaded from
+            if config.encoder not in BUILT_FROM_DECODER:  # a text encoder: the folder IS the encoder
+                config = replace(config, encoder="encoder")
+        if save_decoder:
+            model.decoder.save_pretrained(tmp / "decoder", safe_serialization=True)
+            model.tokenizer.save_pretrained(tmp / "decoder")
+            components["decoder"] = "decoder"
+            config = replace(config, decoder="decoder")
         if model.has_adapter:
             model.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
             (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
             components[ADAPTER] = ADAPTER
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
         save_file(state, str(tmp / PROJECTOR))
-        manifest = CheckpointManifest(config, components, model.encoder.config.hidden_size, model.hidden_size)
+        manifest = CheckpointManifest(config, components, model.encoder.hidden_size, model.hidden_size)
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
     return path
 
@@ -138,15 +136,18 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -
     """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors."""
     path = Path(path)
     manifest = CheckpointManifest.read(path)
+    built = manifest.config.encoder in BUILT_FROM_DECODER  # rebuilt from the decoder, trained weights loaded below
     parts = {name: str(path / spec) if (path / spec).is_dir() else spec
-             for name in ("encoder", "decoder") for spec in [manifest.components[name]]}
+             for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
     config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}))
     try:
         state = load_file(str(path / PROJECTOR))
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}/{PROJECTOR} is missing or corrupt ({e}).") from e
     model = from_config(config, progress=progress)
-    expected = (model.hidden_size, model.encoder.config.hidden_size)
+    if built and (path / manifest.components["encoder"]).is_dir():
+        model.encoder.load_weights(path / manifest.components["encoder"])
+    expected = (model.hidden_size, model.encoder.hidden_size)
     got = tuple(state.get("fc1.weight", torch.empty(0, 0)).shape)
     if got != expected:
         raise CheckpointError(

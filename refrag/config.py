@@ -12,7 +12,7 @@ from refrag.errors import InputError
 
 Mode = Literal["full", "refrag"]  # full: every chunk as tokens (plain RAG); refrag: compressed chunks
 DType = Literal["bfloat16", "float32"]  # fp16 overflows with inputs_embeds
-Pooling = Literal["mean", "cls"]
+Pooling = Literal["mean", "cls", "last", "memory"]  # text encoders: mean / cls; the self-encoder: mean / last / memory
 ExpandStrategy = Literal["similarity", "random", "first", "last"]
 
 DEFAULT_DECODER = "smollm2-135m"
@@ -91,10 +91,12 @@ class RefragConfig:
     """What a RefragModel is made of; saved as the checkpoint manifest."""
 
     decoder: str = DEFAULT_DECODER  # built-in name, local folder or HF id (or "decoder" inside a checkpoint)
-    encoder: str = DEFAULT_ENCODER
+    encoder: str = DEFAULT_ENCODER  # a text encoder (name / folder / HF id), "self" or "tokens" (refrag.encoders)
     k: int = DEFAULT_K
     pooling: Pooling = "mean"
     encoder_max_tokens: int = 64  # encoder-tokenizer cap for one chunk's text (k decoder tokens fit easily)
+    encoder_layers: int = 8  # "self": how many of the decoder's first layers read the chunk
+    encoder_lora_rank: int = 32  # "self": rank of the LoRA adapter on those layers
     dtype: DType = "bfloat16"
     target_rms: float | None = None  # RMS of decoder token embeddings; measured at construction if None
     extra: dict[str, str] = field(default_factory=dict)  # provenance (training stage, data, ...)
@@ -104,6 +106,9 @@ class RefragConfig:
         check_choice(self.pooling, Pooling, "pooling")
         if self.encoder_max_tokens < 4:
             raise InputError(f"encoder_max_tokens must be >= 4 (got {self.encoder_max_tokens}).")
+        if self.encoder_layers < 1 or self.encoder_lora_rank < 1:
+            raise InputError(f"encoder_layers and encoder_lora_rank must be >= 1 (got {self.encoder_layers}, "
+                             f"{self.encoder_lora_rank}).")
         if self.dtype not in get_args(DType):
             raise InputError(
                 f"dtype must be bfloat16 or float32 (got {self.dtype!r}); fp16 overflows with inputs_embeds."

@@ -51,7 +51,7 @@ class Request:
     def with_encodings(self, model: RefragModel) -> Request:
         """The same request with its chunk encoder outputs precomputed (what an index stores): the cached path."""
         with torch.inference_mode():
-            encoded = tuple(model.encode_chunks([c.text for c in p.chunks]) for p in self.passages)
+            encoded = tuple(model.encode_chunks(p.chunks) for p in self.passages)
         return Request(self.question, self.passages, encoded)
 
     @property
@@ -167,7 +167,7 @@ def _chunk_encodings(
         return [None] * len(requests), 0.0
     t0 = time.perf_counter()
     todo = [r for r in requests if r.encoded is None]
-    fresh = model.encode_chunks([c.text for r in todo for p in r.passages for c in p.chunks])  # [sum L, E]
+    fresh = model.encode_chunks([c for r in todo for c in r.chunks])  # [sum L, E]
     encode_s = time.perf_counter() - t0 if todo else 0.0
     out: list[torch.Tensor | None] = []
     offset = 0

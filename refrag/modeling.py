@@ -1,8 +1,8 @@
 """REFRAG in one file: chunk vectors -> projector -> decoder positions, read top to bottom.
 
-1. Every k-token context chunk is encoded on its own (``RefragModel.encode_chunks``: encoder + pooling), so its
-   vector can be precomputed at indexing time, then projected into the decoder's token-embedding space
-   (``Projector``, output RMS pinned to the decoder's embeddings).
+1. Every k-token context chunk is encoded on its own (``RefragModel.encode_chunks``: a chunk encoder from
+   :mod:`refrag.encoders`), so its vector can be precomputed at indexing time, then projected into the
+   decoder's token-embedding space (``Projector``, output RMS pinned to the decoder's embeddings).
 2. ``context_segments`` is THE interleaving: chunks in order, an expanded chunk as its k decoder tokens, a
    compressed one as ONE vector row. Generation, training and scoring all build their context with it.
 3. ``segments_layout`` concatenates segments (token runs and vector rows) into one example's ``Layout``;
@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 
 from refrag.chunking import Chunk
 from refrag.config import RefragConfig
+from refrag.encoders import ChunkEncoder
 from refrag.errors import CheckpointError, InputError
 
 IGNORE_INDEX = -100  # label of positions without a target
@@ -56,14 +57,6 @@ class Projector(nn.Module):
         y = self.fc2(self.act(self.fc1(x)))
         inv_rms = torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(y.dtype)
         return y * inv_rms * (self.gain * self.target_rms).to(y.dtype)
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """[B, T, E] hidden states + [B, T] mask -> [B, E]."""
-    if how == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -234,10 +227,9 @@ class RefragModel(nn.Module):
     def __init__(
         self,
         config: RefragConfig,
-        encoder: PreTrainedModel,
-        encoder_tokenizer,
+        encoder: ChunkEncoder,
         decoder: PreTrainedModel,
-        decoder_tokenizer,
+        tokenizer,
         projector: Projector | None = None,
     ) -> None:
         super().__init__()
@@ -245,12 +237,9 @@ class RefragModel(nn.Module):
             config = replace(config, target_rms=embedding_rms(decoder))
         self.config = config
         self.encoder = encoder
-        self.encoder_tokenizer = encoder_tokenizer
         self.decoder = decoder
-        self.tokenizer = decoder_tokenizer
-        self.projector = projector or Projector(
-            encoder.config.hidden_size, decoder.config.hidden_size, config.target_rms
-        )
+        self.tokenizer = tokenizer  # the decoder's: chunks are cut in its token space
+        self.projector = projector or Projector(encoder.hidden_size, decoder.config.hidden_size, config.target_rms)
         self.projector.to(device=decoder.device, dtype=decoder.dtype)
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
 
@@ -272,39 +261,25 @@ class RefragModel(nn.Module):
         return int(self.decoder.config.hidden_size)
 
     # ---------------------------------------------------------------- 1. encode + project
-    def encode_chunks(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-        """Chunk texts -> pooled encoder outputs [N, E] (what an index stores; projection comes later).
+    def encode_chunks(self, chunks: Sequence[Chunk | str], batch_size: int = 128) -> torch.Tensor:
+        """Chunks (or plain texts, cut into decoder tokens here) -> chunk-encoder outputs [N, E], in input order:
+        what an index stores; projection comes later. Each chunk is encoded on its own."""
+        items = [c if isinstance(c, Chunk) else self.as_chunk(c) for c in chunks]
+        if not items:
+            return torch.empty(0, self.encoder.hidden_size, dtype=self.dtype, device=self.device)
+        return self.encoder.encode(items, batch_size).to(device=self.device, dtype=self.dtype)
 
-        Texts are sorted by length and batched so padding stays small; the output keeps input order.
-        """
-        if not texts:
-            return torch.empty(0, self.encoder.config.hidden_size, dtype=self.dtype, device=self.device)
-        enc = self.encoder_tokenizer(
-            list(texts), truncation=True, max_length=self.config.encoder_max_tokens, padding=False
-        )["input_ids"]
-        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-        pad = self.encoder_tokenizer.pad_token_id or 0
-        out = torch.empty(len(enc), self.encoder.config.hidden_size, dtype=self.dtype, device=self.device)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(enc[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, : len(enc[i])] = torch.tensor(enc[i])
-                mask[row, : len(enc[i])] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # [b, t, E]
-            out[torch.tensor(idx, device=self.device)] = pool(hidden, mask, self.config.pooling).to(self.dtype)
-        return out
+    def as_chunk(self, text: str) -> Chunk:
+        """A text (e.g. a question, for similarity expansion) as a chunk of decoder tokens."""
+        return Chunk(tuple(self.tokenizer.encode(text, add_special_tokens=False)), text)
 
     def project(self, encoded: torch.Tensor) -> torch.Tensor:
         """[N, E] encoder outputs -> [N, D] decoder-space chunk embeddings."""
         return self.projector(encoded.to(device=self.device, dtype=self.dtype))
 
-    def embed_chunks(self, texts: Sequence[str]) -> torch.Tensor:
-        """Chunk texts -> [N, D] decoder-space chunk embeddings (encode + project)."""
-        return self.project(self.encode_chunks(texts))
+    def embed_chunks(self, chunks: Sequence[Chunk | str]) -> torch.Tensor:
+        """Chunks -> [N, D] decoder-space chunk embeddings (encode + project)."""
+        return self.project(self.encode_chunks(chunks))
 
     # ---------------------------------------------------------------- 3. layouts in this model's space
     def layout(self, segments: Sequence[Segment]) -> Layout:

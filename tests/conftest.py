@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from refrag.config import RefragConfig
+from refrag.encoders import TextEncoder
 from refrag.modeling import RefragModel
 
 torch.set_num_threads(2)
@@ -80,7 +81,7 @@ def tiny_refrag(arch: str = "llama", k: int = 4, dtype: torch.dtype = torch.floa
     dec, enc = tiny_decoder(arch, vocab).to(dtype), tiny_encoder(vocab).to(dtype)
     torch.manual_seed(2)
     cfg = RefragConfig(decoder=f"tiny-{arch}", encoder="tiny-bert", k=k, dtype="float32")
-    return RefragModel(cfg, encoder=enc, encoder_tokenizer=tok, decoder=dec, decoder_tokenizer=tok).eval()
+    return RefragModel(cfg, encoder=TextEncoder(enc, tok), decoder=dec, tokenizer=tok).eval()
 
 
 @pytest.fixture(params=["llama", "qwen2"])

@@ -157,7 +157,9 @@ def test_token_nll_is_cross_entropy_on_labelled_positions():
 def test_the_model_does_not_change_the_callers_config(model):
     from conftest import make_tokenizer, tiny_decoder, tiny_encoder
 
+    from refrag.encoders import TextEncoder
+
     config = RefragConfig(decoder="d", encoder="e", k=4, dtype="float32")
     tok = make_tokenizer()
-    built = RefragModel(config, tiny_encoder(len(tok)), tok, tiny_decoder("llama", len(tok)), tok)
+    built = RefragModel(config, TextEncoder(tiny_encoder(len(tok)), tok), tiny_decoder("llama", len(tok)), tok)
     assert config.target_rms is None and built.config.target_rms is not None

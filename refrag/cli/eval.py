@@ -145,12 +145,15 @@ def reconstruction_cmd(
         "../shared/data/wiki_paragraph_segmentation_en.txt",
     max_chunks: Annotated[int, typer.Option(help="longest context in chunks (rows 1, 2, 4, .. max)")] = 8,
     examples: Annotated[int, typer.Option(help="examples per number of chunks")] = 32,
+    greedy: Annotated[bool, typer.Option(help="also generate each 1 x k chunk from its vector alone: exact-chunk "
+                                              "rate and accuracy per position")] = False,
     seed: Seed = 0,
     json_out: Json = False,
     *,
     choice: ModelChoice,
 ) -> None:
-    """Reconstruction quality by number of chunks: token accuracy and log-perplexity."""
+    """Reconstruction quality by number of chunks: token accuracy and log-perplexity (teacher-forced), and
+    with --greedy the decoder generating chunks from their vectors."""
     setup_torch()
     from rich.console import Console
     from rich.table import Table
@@ -158,7 +161,8 @@ def reconstruction_cmd(
     from refrag.eval.reconstruction import eval_reconstruction
 
     m = choice.load(progress=not json_out)
-    report = eval_reconstruction(m, data, max_chunks=max_chunks, examples=examples, seed=seed, progress=not json_out)
+    report = eval_reconstruction(m, data, max_chunks=max_chunks, examples=examples, seed=seed, greedy=greedy,
+                                 progress=not json_out)
     if json_out:
         print_json(report.to_json())
         return
@@ -168,6 +172,10 @@ def reconstruction_cmd(
     for r in report.rows:
         table.add_row(f"{r.chunks}x{report.k}", str(r.tokens), f"{r.log_ppl:.3f}", f"{r.accuracy:.3f}")
     Console().print(table)
+    if (g := report.greedy) is not None:
+        positions = " ".join(f"{a:.2f}" for a in g.position_accuracy)
+        typer.echo(f"greedy 1x{report.k} from the vector alone: exact chunks {g.exact:.3f} of {g.chunks}; "
+                   f"accuracy by position: {positions}")
 
 
 def report_cmd(

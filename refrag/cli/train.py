@@ -8,11 +8,14 @@ paper's learning rate) live with its recipe in ``refrag/train/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from refrag.cli.common import ModelChoice, flag, model_options, option_group, setup_torch
+
+if TYPE_CHECKING:
+    from refrag.config import RefragConfig
 
 app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed.")
 
@@ -75,23 +78,37 @@ def _loop_group(out: str, steps: int, micro_batch_size: int):
         flag("stop_after", Annotated[int | None, opt(help="stop (with a checkpoint) after this many steps; the "
                                                              "schedule still spans --steps (time boxes, ablations)")],
                 None),
+        flag("max_minutes", Annotated[float | None, opt(help="stop (with a checkpoint) after this many minutes of "
+                                                              "this run (equal-budget comparisons, time boxes)")],
+             None),
     ))
 
 
-def _run(stage: str, init: str | None, fresh: ModelChoice | None, data, stage_options, loop) -> None:
+def _encoder_group():
+    """How a fresh compressor's chunk encoder is made (stage 1 without --init) -> RefragConfig fields."""
+    def build(pooling: str, encoder_layers: int, encoder_lora_rank: int) -> dict[str, Any]:
+        return {"pooling": pooling, "encoder_layers": encoder_layers, "encoder_lora_rank": encoder_lora_rank}
+
+    opt = typer.Option
+    return option_group("encoder_settings", build, (
+        flag("pooling", Annotated[str, opt(help="chunk pooling: mean or cls (text encoders); mean, last or memory "
+                                               "(--encoder self)")], "mean"),
+        flag("encoder_layers", Annotated[int, opt(help="--encoder self: how many of the decoder's first layers "
+                                                      "read the chunk")], 8),
+        flag("encoder_lora_rank", Annotated[int, opt(help="--encoder self: rank of the LoRA adapter on those "
+                                                         "layers")], 32),
+    ))
+
+
+def _run(stage: str, init: str | None, fresh: RefragConfig | None, data, stage_options, loop) -> None:
     """Load the stage's models (checking the order), read the corpus, run the recipe, print the held-out scores."""
     setup_torch()
-    from refrag.config import RefragConfig
     from refrag.train import cpt, mixed, reconstruct
     from refrag.train.common import load_for_stage
     from refrag.train.data import TokenCorpus
 
     module = {"reconstruct": reconstruct, "cpt": cpt, "mixed": mixed}[stage]
-    config = None
-    if fresh is not None:
-        config = RefragConfig(**{name: value for name, value in
-                                 (("decoder", fresh.decoder), ("encoder", fresh.encoder), ("k", fresh.k)) if value})
-    model = load_for_stage(module.RECIPE, init, config)
+    model = load_for_stage(module.RECIPE, init, fresh)
     corpus = TokenCorpus.build(data, model.tokenizer)
     typer.echo(f"{stage}: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
     result = getattr(module, stage)(model, corpus, stage_options, loop)
@@ -102,20 +119,26 @@ def _run(stage: str, init: str | None, fresh: ModelChoice | None, data, stage_op
 
 @app.command("reconstruct")
 @model_options(checkpoint=False, dtype=False)
+@_encoder_group()
 @_data_group()
 @_loop_group("runs/reconstruct", steps=1000, micro_batch_size=8)
 def reconstruct_cmd(
     init: Annotated[str | None, typer.Option(help="a reconstruct checkpoint to continue from")] = None,
     max_chunks: MaxChunks = 8, curriculum: Curriculum = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, seed: Seed = 0, *, choice: ModelChoice, data, loop,
+    lora_rank: LoraRank = 8, seed: Seed = 0, *, choice: ModelChoice, encoder_settings: dict[str, Any], data, loop,
 ) -> None:
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
-    reconstruct each context from its chunk vectors."""
+    reconstruct each context from its chunk vectors. Without --init the compressor is new: --encoder picks its
+    chunk encoder (a text encoder such as all-minilm-l6-v2 or mpnet, `self`: the decoder's first layers + LoRA,
+    or `tokens`: the decoder's token embeddings + a small mixer)."""
+    from refrag.config import RefragConfig
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, train_decoder=train_decoder,  # type: ignore[arg-type]
                          lora_rank=lora_rank, seed=seed)
-    _run("reconstruct", init, choice, data, stage, loop)
+    parts = {"decoder": choice.decoder, "encoder": choice.encoder, "k": choice.k}
+    fresh = RefragConfig(**{n: v for n, v in parts.items() if v is not None}, **encoder_settings)
+    _run("reconstruct", init, fresh, data, stage, loop)
 
 
 @app.command("cpt")

@@ -201,8 +201,8 @@ def _prefixes(
         return [[*head, list(ex.context[-method.positions :])] for ex in batch]
     chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
     raw = [_expanded(cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
-    texts = [c.text for cs, r in zip(chunks, raw) for j, c in enumerate(cs) if j not in r]
-    vectors = model.embed_chunks(texts) if texts else None  # [N, D], compressed chunks in order
+    compressed = [c for cs, r in zip(chunks, raw) for j, c in enumerate(cs) if j not in r]
+    vectors = model.embed_chunks(compressed) if compressed else None  # [N, D], compressed chunks in order
     prefixes, row = [], 0
     for cs, r in zip(chunks, raw):
         n = len(cs) - len(r)

@@ -129,7 +129,7 @@ class Index:
             passage_tokens=options.passage_tokens,
             decoder=model.config.decoder,
             model=EncoderKey.of(model),
-            chunk_dim=model.encoder.config.hidden_size,
+            chunk_dim=model.encoder.hidden_size,
             retrieval=RetrievalInfo(options.retrieval_encoder, retriever.dim, options.store.to_json()),
         )
         store = create_store(options.store, retriever.dim)
@@ -262,7 +262,7 @@ def _ingest(
     def flush_batch() -> None:
         nonlocal writer
         t = time.perf_counter()
-        encoded = model.encode_chunks([c.text for _, p in batch for c in p.chunks])  # [sum L, E]
+        encoded = model.encode_chunks([c for _, p in batch for c in p.chunks])  # [sum L, E]
         timers["chunk"] += time.perf_counter() - t
         t = time.perf_counter()
         store.add(retriever.encode([m.text for m, _ in batch]))  # [B, dim]

@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from refrag.config import DEFAULT_DECODER
 from refrag.errors import CheckpointError
 from refrag.manifest import ManifestKind, read_manifest
@@ -32,12 +30,8 @@ class EncoderKey:
 
     @classmethod
     def of(cls, model: RefragModel) -> EncoderKey:
-        h = hashlib.sha256()
-        for name, tensor in sorted(model.encoder.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
         vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-        return cls(model.k, model.config.encoder, h.hexdigest(), model.config.pooling,
+        return cls(model.k, model.config.encoder, model.encoder.fingerprint(), model.config.pooling,
                    model.config.encoder_max_tokens, hashlib.sha256(vocab).hexdigest())
 
     def differences(self, other: EncoderKey) -> list[str]:

@@ -94,7 +94,7 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
     if train_decoder == "lora" and not model.has_adapter:
         model.add_lora(options.lora_rank)
-    model.encoder.requires_grad_(options.train_encoder)
+    model.encoder.set_trainable(options.train_encoder)
     model.projector.requires_grad_(True)
     model.decoder.requires_grad_(train_decoder == "full")
     for name, p in model.decoder.named_parameters():

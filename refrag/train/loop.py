@@ -45,7 +45,8 @@ class TrainOptions:
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     save_every: int = 100  # steps between checkpoints (0: only at the end)
     resume: bool = False  # continue from <out_dir>/checkpoint
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, time boxes
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps in total: tests, ablations
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time in this run: time boxes
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class TrainOptions:
             raise InputError(f"--steps must be >= 1 (got {self.steps}).")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise InputError("--batch-size and --micro-batch-size must be >= 1.")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise InputError(f"--max-minutes must be > 0 (got {self.max_minutes}).")
         if self.lr is not None and self.lr <= 0:
             raise InputError(f"--lr must be > 0 (got {self.lr}).")
 
@@ -139,8 +142,8 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
         fused=all(p.dtype == torch.float32 for p in params),
     )
     if options.gradient_checkpointing:
-        for part in (model.encoder, model.decoder):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.encoder.gradient_checkpointing()
+        model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step = 0
     if options.resume and (options.out_dir / "checkpoint").exists():
         step = load_state(options.out_dir, model, optimizer).step
@@ -149,6 +152,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress or rank != 0, desc=task.stage)
     model.train()
     loss_value, scores = float("nan"), {}
+    started = time.perf_counter()
     while step < last:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
@@ -164,7 +168,8 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
         loss_value = loss_sum / max(len(mine), 1)
         elapsed = time.perf_counter() - t0
         metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
-                   "train/grad_norm": grad_norm, "train/positions_per_s": tokens * world / elapsed}
+                   "train/grad_norm": grad_norm, "train/positions_per_s": tokens * world / elapsed,
+                   "train/elapsed_s": time.perf_counter() - started}  # wall time of this run (not of resumed ones)
         if options.eval_every and step % options.eval_every == 0 or step == options.steps:
             scores = evaluate(model, task, options.micro_batch_size, options.bf16)
             for n, s in scores.items():
@@ -174,6 +179,8 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
             lg.log_dict(metrics, step)
         bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
         bar.update(1)
+        if options.max_minutes is not None and time.perf_counter() - started > 60 * options.max_minutes:
+            last = step  # the time box is spent: checkpoint now and stop (a --resume continues exactly)
         if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
             save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))
     bar.close()

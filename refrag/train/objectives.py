@@ -93,8 +93,8 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     Every compressed chunk of the batch is encoded in one call.
     """
     chunked = [chunk_token_ids(ex.context, model.tokenizer, model.k) for ex in examples]
-    texts = [c.text for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
-    vectors = model.embed_chunks(texts) if texts else None  # [N, D]
+    compressed = [c for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
+    vectors = model.embed_chunks(compressed) if compressed else None  # [N, D]
     anchor = _anchor(model)
     layouts, row = [], 0
     for chunks, ex in zip(chunked, examples):

@@ -30,7 +30,7 @@ def test_build_search_roundtrip(corpus, tmp_path, rmodel, options):
         assert 0 < passage.num_tokens <= options.passage_tokens
         stored = index.encoded(pid)  # [L, E]
         fresh = rmodel.encode_chunks([c.text for c in passage.chunks])
-        assert stored.shape == fresh.shape == (len(passage.chunks), rmodel.encoder.config.hidden_size)
+        assert stored.shape == fresh.shape == (len(passage.chunks), rmodel.encoder.hidden_size)
         torch.testing.assert_close(stored.float(), fresh.float(), atol=2e-2, rtol=2e-2)
     metas = [index.meta(i) for i in range(len(index))]
     assert {Path(m.source).name for m in metas} == {"docs.jsonl", "numbers.txt", "mountains.md"}
@@ -87,7 +87,7 @@ def test_model_mismatch_is_an_error(corpus, tmp_path, rmodel, options):
         index.check_model(tiny_refrag("llama", k=8))
     other = tiny_refrag("llama", k=4)
     with torch.no_grad():
-        other.encoder.embeddings.word_embeddings.weight.mul_(1.5)  # a retrained chunk encoder
+        other.encoder.model.embeddings.word_embeddings.weight.mul_(1.5)  # a retrained chunk encoder
     with pytest.raises(CheckpointError, match="chunk_encoder_sha256.*rebuild the index"):
         index.add(corpus, other, progress=False)
 

@@ -61,7 +61,10 @@ class CheckpointManifest:
         return self.config.extra.get("stage")
 
     def to_json(self) -> dict:
-        return {**CHECKPOINT.header(), "config": asdict(self.config), "components": dict(self.components),
+        config = asdict(self.config)
+        if self.config.encoder != SELF:  # self-encoder settings: absent for others, so their manifests stay as before
+            del config["encoder_layers"], config["encoder_lora_rank"]
+        return {**CHECKPOINT.header(), "config": config, "components": dict(self.components),
                 "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden}
 
     @classmethod
@@ -111,7 +114,7 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
     with atomic_dir(path) as tmp:
         config = model.config
         components = {"encoder": config.encoder, "decoder": config.decoder}
-        if save_encoder:
+        if save_encoder or config.encoder in BUILT_FROM_DECODER:  # a built encoder is only its (small) trained part
             model.encoder.save(tmp / "encoder")
             components["encoder"] = "encoder"  # inside the checkpoint, not where it was loaded from
             if config.encoder not in BUILT_FROM_DECODER:  # a text encoder: the folder IS the encoder
@@ -187,7 +190,7 @@ def load_model(
     """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
 
     ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
-    16); given together with a checkpoint they must agree with it. ``merge`` keeps a merged copy of an adapted
+    16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
     decoder for compressed inputs (faster decoding, one more decoder's memory, ~1 s); commands that only encode
     chunks (index build/add/bench) pass False. A fresh projector is untrained: compressed chunks are then noise
     to the decoder (full mode is unaffected).
@@ -195,7 +198,7 @@ def load_model(
     is_default = (decoder or DEFAULT_DECODER, encoder or DEFAULT_ENCODER, k or DEFAULT_K) == (
         DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
     if checkpoint is not None:  # the user's own: what else they asked for must agree with it
-        _check_agrees(CheckpointManifest.read(checkpoint), checkpoint, decoder=decoder, encoder=encoder, k=k)
+        _check_agrees(CheckpointManifest.read(checkpoint), checkpoint, k)
     elif is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
         checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
@@ -211,11 +214,9 @@ def load_model(
     return model
 
 
-def _check_agrees(manifest: CheckpointManifest, path, **asked: str | int | None) -> None:
-    """--k / --decoder / --encoder given with a checkpoint must be what it was trained with, not dropped."""
-    have = {"k": manifest.config.k, "decoder": manifest.config.decoder, "encoder": manifest.config.encoder}
-    wrong = [f"--{name} {value} (the checkpoint has {have[name]})" for name, value in asked.items()
-             if value is not None and value != have[name]]
-    if wrong:
-        raise InputError(f"{path} was trained with other settings: {', '.join(wrong)}. Drop those options to use "
-                         "the checkpoint as it is, or load the models without --model.")
+def _check_agrees(manifest: CheckpointManifest, path, k: int | None) -> None:
+    """--k given with a checkpoint must be the k it was trained with: an error, not silently dropped. (--decoder /
+    --encoder are not compared: the same model has several valid specs, and a trained encoder is a folder.)"""
+    if k is not None and k != manifest.config.k:
+        raise InputError(f"{path} was trained with other settings: --k {k} (the checkpoint has {manifest.config.k}). "
+                         "Drop --k to use the checkpoint as it is, or load the models without --model.")

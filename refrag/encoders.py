@@ -160,8 +160,10 @@ class SelfEncoder(_BuiltFromDecoder):
         config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         inject_adapter_in_model(config, self.body)
-        self.memory = nn.Parameter(torch.zeros(decoder.config.hidden_size, dtype=decoder.dtype)) \
-            if pooling == "memory" else None
+        # the memory token starts as the start token's embedding row: a real input scale (at zero the first RMSNorm's
+        # gradient is ~1/sqrt(eps))
+        row = decoder.get_input_embeddings().weight[start_token if start_token is not None else 0]
+        self.memory = nn.Parameter(row.detach().clone()) if pooling == "memory" else None
         self.start, self.pooling, self.layers = start_token, pooling, layers
         self.set_trainable(True)
 

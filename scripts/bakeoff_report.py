@@ -37,8 +37,10 @@ def main(runs: Path, png: Path) -> None:
         print(f"| {run.name[5:]} | {int(loss[-1][0])} | {minutes[-1]:.1f} | {sum(tail) / len(tail):.3f} | "
               f"{row['log_ppl']:.3f} | {row['accuracy']:.3f} | {greedy['exact']:.3f} | "
               f"{pos[0]:.2f} / {pos[len(pos) // 2 - 1]:.2f} / {pos[-1]:.2f} |")
-        ax.plot(minutes, [v for _, v in loss], label=f"{run.name[5:]} (held-out acc {row['accuracy']:.3f})", lw=1)
-    ax.set(xlabel="CPU-minutes (2 cores)", ylabel="train loss (1 x 16 reconstruction)", title="Encoder bake-off")
+        values = [v for _, v in loss]
+        smooth = [sum(values[max(0, i - 9) : i + 1]) / len(values[max(0, i - 9) : i + 1]) for i in range(len(values))]
+        ax.plot(minutes, smooth, label=f"{run.name[5:]} (held-out acc {row['accuracy']:.3f})", lw=1.2)
+    ax.set(xlabel="CPU-minutes (2 cores)", ylabel="train loss, mean of 10 steps (1 x 16)", title="Encoder bake-off")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -114,6 +114,10 @@ def test_options_that_contradict_the_checkpoint_are_errors(tmp_path):
     path = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
     with pytest.raises(InputError, match="--k 16 .the checkpoint has 4"):
         load_model(path, k=16, dtype="float32", progress=False)
-    with pytest.raises(InputError, match="--encoder other"):
-        load_model(path, encoder="other", dtype="float32", progress=False)
     assert load_model(path, k=4, dtype="float32", progress=False).k == 4  # agreeing is fine
+
+
+def test_a_text_encoder_manifest_has_no_self_encoder_settings(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    config = json.loads((path / "refrag.json").read_text())["config"]
+    assert "encoder_layers" not in config and "encoder_lora_rank" not in config  # as written before self-encoders

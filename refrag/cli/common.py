@@ -86,6 +86,11 @@ class ModelChoice:
         built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
         if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
             return ModelChoice(str(built_from), dtype=self.dtype)
+        if key.chunk_encoder in ("self", "tokens"):  # trained from the decoder: its weights live in a checkpoint
+            from refrag.errors import InputError
+
+            raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "
+                             "checkpoint that built it with --model.")
         return ModelChoice(None, self.decoder or index.manifest.decoder, self.encoder or key.chunk_encoder,
                            self.k or key.k, self.dtype)
 

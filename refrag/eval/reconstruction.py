@@ -18,6 +18,8 @@ from refrag.train.curriculum import chunk_types
 from refrag.train.data import sample_window, tokenize_source
 from refrag.train.objectives import Example, score_examples
 
+MAX_TOKENS = 300_000  # of the held-out text read (windows are sampled from them)
+
 
 @dataclass(frozen=True)
 class ReconstructionRow:
@@ -55,7 +57,6 @@ def eval_reconstruction(
     max_chunks: int = 8,
     examples: int = 32,
     seed: int = 0,
-    max_tokens: int = 300_000,
     batch_size: int = 8,
     greedy: bool = False,
     progress: bool = True,
@@ -64,7 +65,7 @@ def eval_reconstruction(
     with ``greedy``, generate the 1-chunk examples from their vectors)."""
     if examples < 1:
         raise InputError(f"--examples must be >= 1 (got {examples}).")
-    tokens = tokenize_source(data, model.tokenizer, max_tokens)
+    tokens = tokenize_source(data, model.tokenizer, MAX_TOKENS)
     rows = []
     model.eval()
     types = chunk_types(max_chunks)

@@ -129,6 +129,14 @@ def _all_reduce_mean(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad /= world
 
 
+def _time_is_up(started: float, minutes: float, world: int) -> bool:
+    """Whether the time box is spent, decided for all ranks at once (ranks stopping apart would hang all_reduce)."""
+    up = torch.tensor(float(time.perf_counter() - started > 60 * minutes))
+    if world > 1:
+        dist.all_reduce(up, op=dist.ReduceOp.MAX)
+    return bool(up)
+
+
 def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainResult:
     """Run (or resume) one stage. Parameters with requires_grad are trained; the rest stay frozen."""
     if options.lr is None:
@@ -179,7 +187,7 @@ def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainRe
             lg.log_dict(metrics, step)
         bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
         bar.update(1)
-        if options.max_minutes is not None and time.perf_counter() - started > 60 * options.max_minutes:
+        if options.max_minutes is not None and _time_is_up(started, options.max_minutes, world):
             last = step  # the time box is spent: checkpoint now and stop (a --resume continues exactly)
         if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
             save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))

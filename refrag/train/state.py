@@ -67,6 +67,11 @@ def load_state(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimiz
         tensors = load_file(str(folder / "optimizer.safetensors"))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder} is incomplete ({e}); delete it to start over, or drop --resume.") from e
+    if meta["trainable"] != trainable_names(model):  # a run saved before text encoders were wrapped (encoder.X)
+        rename = {n: "encoder.model." + n[len("encoder."):] for n in meta["trainable"]
+                  if n.startswith("encoder.") and not n.startswith("encoder.model.")}
+        meta["trainable"] = [rename.get(n, n) for n in meta["trainable"]]
+        weights = {rename.get(n, n): w for n, w in weights.items()}
     if meta["trainable"] != trainable_names(model):
         raise CheckpointError(
             f"{folder} trained other parameters than this run would ({len(meta['trainable'])} vs "

@@ -170,3 +170,40 @@ def test_a_frozen_encoder_stays_as_it_was():
     assert all(p.requires_grad for p in model.projector.parameters())
     set_trainable(model, StageOptions(), bf16=False)
     assert all(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_a_time_box_stops_with_a_checkpoint_and_resumes(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    boxed = reconstruct(model, corpus(model), STAGE, options(tmp_path, max_minutes=1e-9))
+    assert boxed.steps == 1 and boxed.final_dir is None  # the box is spent after the first step
+    assert (tmp_path / "checkpoint" / "model" / "refrag.json").is_file()
+    model2 = tiny_refrag("llama", k=4)
+    assert reconstruct(model2, corpus(model2), STAGE, options(tmp_path, resume=True)).steps == 6
+    with pytest.raises(InputError, match="max-minutes"):
+        options(tmp_path, max_minutes=0)
+
+
+def test_a_self_encoder_trains_and_its_adapter_is_saved(tmp_path):
+    """Stage 1 with the decoder's own first layers as the chunk encoder: only the adapter trains and is saved."""
+    from dataclasses import replace
+
+    from conftest import make_tokenizer, tiny_decoder
+
+    from refrag import checkpoint
+    from refrag.encoders import build_encoder
+
+    tok = make_tokenizer()
+    decoder = tiny_decoder("llama", len(tok))
+    decoder.save_pretrained(tmp_path / "dec")
+    tok.save_pretrained(tmp_path / "dec")
+    base = tiny_refrag("llama", k=4)
+    config = replace(base.config, decoder=str(tmp_path / "dec"), encoder="self", encoder_layers=1,
+                     encoder_lora_rank=2)
+    model = RefragModel(config, build_encoder(config, decoder, tok), decoder, tok)
+    before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+    reconstruct(model, corpus(model), STAGE, options(tmp_path / "run", steps=2))
+    changed = {n for n, p in model.encoder.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    loaded = checkpoint.load(tmp_path / "run" / "final", dtype="float32", progress=False)
+    chunks = ["Paris is the capital", "of France."]
+    torch.testing.assert_close(loaded.embed_chunks(chunks), model.embed_chunks(chunks))

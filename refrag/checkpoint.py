@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, RefragConfig
-from refrag.encoders import SELF, TOKENS, build_encoder
+from refrag.encoders import BUILT_FROM_DECODER, SELF, build_encoder
 from refrag.errors import CheckpointError, InputError
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.manifest import ManifestKind, read_manifest
@@ -37,7 +37,6 @@ CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpo
 MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
 PROJECTOR = "projector.safetensors"
-BUILT_FROM_DECODER = (SELF, TOKENS)  # encoders rebuilt from the decoder at load: only their trained part is saved
 # The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
 

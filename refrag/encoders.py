@@ -30,6 +30,7 @@ from refrag.config import RefragConfig
 from refrag.errors import CheckpointError, InputError
 
 SELF, TOKENS = "self", "tokens"  # encoder specs that are built from the decoder, not loaded
+BUILT_FROM_DECODER = (SELF, TOKENS)  # rebuilt from the decoder at load: only their trained part is saved
 WEIGHTS = "encoder.safetensors"  # the trained part of a decoder-built encoder inside a checkpoint's encoder/
 
 

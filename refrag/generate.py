@@ -271,12 +271,12 @@ def _prefill_and_decode(
             logits_to_keep=1,
         )
         next_ids = sample_next(out.logits[:, -1], sampling, generator)  # [B]
-        first = next_ids.tolist()
+        next_ids.tolist()  # the first token exists (on the host) before TTFT is read
         ttft, prefill_s = time.perf_counter() - batch.t0, time.perf_counter() - t_pre
         kv_bytes = kv_cache_bytes(out.past_key_values)
         rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
                 for b in range(len(batch.requests))]
-        _decode(model, decoder, inputs, out.past_key_values, (next_ids, first), rows, sampling, generator)
+        _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator)
     total = time.perf_counter() - batch.t0
     steps = max(len(r.ids) for r in rows)
     timings = Timings(
@@ -291,13 +291,13 @@ def _prefill_and_decode(
             for r, row, layout, expanded in zip(batch.requests, rows, batch.layouts, batch.expanded)]
 
 
-def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs, cache, first: tuple[torch.Tensor, list[int]],
+def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs, cache, next_ids: torch.Tensor,
             rows: list[_Row], sampling: SamplingOptions, generator: torch.Generator | None) -> None:
     """KV-cached decoding from the prefill's cache and first tokens, until every row finished or the cap."""
     B = len(rows)
     eos = set() if sampling.ignore_eos else _eos_ids(model)
     mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
-    next_ids, step_ids = first
+    step_ids = next_ids.tolist()  # [B] the prefill's tokens
     for step in range(sampling.max_new_tokens):
         for row, token in zip(rows, step_ids):
             row.push(token, eos)

@@ -281,6 +281,18 @@ class RefragModel(nn.Module):
         """Chunks -> [N, D] decoder-space chunk embeddings (encode + project)."""
         return self.project(self.encode_chunks(chunks))
 
+    def contexts(self, chunk_lists: Sequence[Sequence[Chunk]], expanded: Sequence[Collection[int]]) -> list[list[Segment]]:
+        """Each example's context as ``context_segments`` (one group per example), every compressed chunk of the
+        batch encoded and projected in one call."""
+        compressed = [c for cs, raw in zip(chunk_lists, expanded) for i, c in enumerate(cs) if i not in raw]
+        vectors = self.embed_chunks(compressed) if compressed else None  # [N, D], compressed chunks in order
+        out, row = [], 0
+        for cs, raw in zip(chunk_lists, expanded):
+            n = len(cs) - len(raw)
+            out.append(context_segments([cs], raw, vectors[row : row + n] if vectors is not None and n else None))
+            row += n
+        return out
+
     # ---------------------------------------------------------------- 3. layouts in this model's space
     def layout(self, segments: Sequence[Segment]) -> Layout:
         """``segments_layout`` with this decoder's width and dtype."""

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.index import StoreKind
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one process).")
 
@@ -66,7 +67,7 @@ def index_cmd(
     out: Annotated[Path, typer.Option(help="index folder")] = Path("~/.cache/refrag/indexes/wiki"),
     reuse: Annotated[bool, typer.Option(help="reuse the index at --out (its recorded build stats)")] = False,
     recall: Annotated[Path | None, typer.Option(help="QA .jsonl (question, context): recall@1/@5")] = None,
-    store_kind: Annotated[str, typer.Option(help="faiss index: flat (exact), hnsw or ivfpq (large corpora)")] = "flat",
+    store_kind: StoreKind = "flat",
     threads: Annotated[int, typer.Option(help="torch threads (the reference machine has 2 cores)")] = 2,
     json_out: Json = False,
     *,

@@ -86,7 +86,9 @@ class ModelChoice:
         built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
         if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
             return ModelChoice(str(built_from), dtype=self.dtype)
-        if key.chunk_encoder in ("self", "tokens"):  # trained from the decoder: its weights live in a checkpoint
+        from refrag.encoders import BUILT_FROM_DECODER
+
+        if key.chunk_encoder in BUILT_FROM_DECODER:  # trained from the decoder: its weights live in a checkpoint
             from refrag.errors import InputError
 
             raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "

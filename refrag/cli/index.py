@@ -14,6 +14,7 @@ from refrag.config import DEFAULT_ENCODER
 app = typer.Typer(no_args_is_help=True, help="Build and extend retrieval indexes (passages + chunk vectors).")
 
 IndexPath = Annotated[Path, typer.Argument(help="index folder")]
+StoreKind = Annotated[str, typer.Option(help="faiss index: flat (exact), hnsw or ivfpq (large corpora)")]
 Sources = Annotated[list[Path], typer.Argument(help=".txt / .md / .jsonl files or folders (recursive)")]
 
 
@@ -35,7 +36,7 @@ def build_cmd(
         DEFAULT_ENCODER,
     store: Annotated[str, typer.Option(help="vector store: faiss or lancedb (pip install 'refrag[lancedb]')")] =
         "faiss",
-    store_kind: Annotated[str, typer.Option(help="faiss index: flat (exact), hnsw or ivfpq (large corpora)")] = "flat",
+    store_kind: StoreKind = "flat",
     passage_tokens: Annotated[int, typer.Option(help="max decoder tokens per passage")] = 256,
     json_out: Json = False,
     *,

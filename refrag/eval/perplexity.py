@@ -34,7 +34,7 @@ from refrag.chunking import chunk_token_ids
 from refrag.config import check_fraction
 from refrag.errors import InputError
 from refrag.eval.methods import ADAPTER_CONTROL, FOREIGN_CONTROL, Method
-from refrag.modeling import Layout, RefragModel, Segment, context_segments, start_token, token_nll
+from refrag.modeling import Layout, RefragModel, Segment, start_token, token_nll
 from refrag.policy import make_policy
 
 log = logging.getLogger(__name__)
@@ -201,14 +201,7 @@ def _prefixes(
         return [[*head, list(ex.context[-method.positions :])] for ex in batch]
     chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
     raw = [_expanded(cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
-    compressed = [c for cs, r in zip(chunks, raw) for j, c in enumerate(cs) if j not in r]
-    vectors = model.embed_chunks(compressed) if compressed else None  # [N, D], compressed chunks in order
-    prefixes, row = [], 0
-    for cs, r in zip(chunks, raw):
-        n = len(cs) - len(r)
-        prefixes.append([*head, *context_segments([cs], r, vectors[row : row + n] if n else None)])  # type: ignore[index]
-        row += n
-    return prefixes
+    return [[*head, *context] for context in model.contexts(chunks, raw)]
 
 
 def _expanded(chunks, method: Method, seed: int, doc: int) -> set[int]:

@@ -116,6 +116,12 @@ def stage_task(stage: str, model: RefragModel, corpus: TokenCorpus, options: Sta
     )
 
 
+def require_continuation(recipe: Recipe, options: StageOptions) -> None:
+    """The next-paragraph stages predict a continuation."""
+    if options.continuation_tokens < 1:
+        raise InputError(f"`{recipe.stage}` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
+
+
 def run_stage(recipe: Recipe, model: RefragModel, corpus: TokenCorpus, options: StageOptions,
               train_options: TrainOptions) -> TrainResult:
     """Mark what trains, build the stage's examples, run the shared loop (at the paper's LR unless given)."""

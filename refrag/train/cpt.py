@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.common import Recipe, StageOptions, run_stage
+from refrag.train.common import Recipe, StageOptions, require_continuation, run_stage
 from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult
 
@@ -20,8 +20,7 @@ RECIPE = Recipe(stage="cpt", after=("reconstruct", "cpt"), paper_lr=5e-5)
 
 
 def cpt(model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions) -> TrainResult:
-    if options.continuation_tokens < 1:
-        raise InputError("`cpt` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
+    require_continuation(RECIPE, options)
     if options.expand_fraction:
         raise InputError("cpt compresses every chunk; use `refrag train mixed` for --expand-fraction.")
     return run_stage(RECIPE, model, corpus, options, train_options)

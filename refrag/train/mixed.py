@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.common import Recipe, StageOptions, run_stage
+from refrag.train.common import Recipe, StageOptions, require_continuation, run_stage
 from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult
 
@@ -20,8 +20,7 @@ RECIPE = Recipe(stage="mixed", after=("cpt", "mixed"), paper_lr=5e-5)
 
 
 def mixed(model: RefragModel, corpus: TokenCorpus, options: StageOptions, train_options: TrainOptions) -> TrainResult:
-    if options.continuation_tokens < 1:
-        raise InputError("`mixed` predicts a continuation: set --continuation-tokens (paper: o >= 128).")
+    require_continuation(RECIPE, options)
     if not options.expand_fraction:
         raise InputError("mixed-input training needs --expand-fraction > 0 (paper: 0.1).")
     return run_stage(RECIPE, model, corpus, options, train_options)

@@ -21,7 +21,6 @@ from refrag.modeling import (
     IGNORE_INDEX,
     Layout,
     RefragModel,
-    context_segments,
     mean_nll,
     start_token,
     token_nll,
@@ -93,17 +92,9 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     Every compressed chunk of the batch is encoded in one call.
     """
     chunked = [chunk_token_ids(ex.context, model.tokenizer, model.k) for ex in examples]
-    compressed = [c for chunks, ex in zip(chunked, examples) for i, c in enumerate(chunks) if i not in ex.expanded]
-    vectors = model.embed_chunks(compressed) if compressed else None  # [N, D]
+    contexts = model.contexts(chunked, [set(ex.expanded) for ex in examples])
     anchor = _anchor(model)
-    layouts, row = [], 0
-    for chunks, ex in zip(chunked, examples):
-        n = len(chunks) - len(ex.expanded)
-        mine = vectors[row : row + n] if vectors is not None and n else None  # [n, D]
-        row += n
-        context = context_segments([chunks], set(ex.expanded), mine)
-        layouts.append(model.scored_layout([anchor, *context], ex.target))
-    return layouts
+    return [model.scored_layout([anchor, *context], ex.target) for context, ex in zip(contexts, examples)]
 
 
 def _anchor(model: RefragModel) -> list[int]:

@@ -36,6 +36,7 @@ CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpo
                           "or a half-copied one: restore it or re-save the model")
 MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
+POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
 # The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
@@ -53,6 +54,10 @@ class CheckpointManifest:
     @property
     def adapter(self) -> str | None:
         return self.components.get(ADAPTER)
+
+    @property
+    def policy(self) -> str | None:
+        return self.components.get(POLICY)
 
     @property
     def stage(self) -> str | None:
@@ -127,6 +132,11 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
             model.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
             (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
             components[ADAPTER] = ADAPTER
+        if model.policy_network is not None:
+            from refrag.learned_policy import save_policy
+
+            save_policy(model.policy_network, tmp / POLICY)  # type: ignore[arg-type]
+            components[POLICY] = POLICY
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
         save_file(state, str(tmp / PROJECTOR))
         manifest = CheckpointManifest(config, components, model.encoder.hidden_size, model.hidden_size)
@@ -163,6 +173,10 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -
     model.projector.to(device=model.device, dtype=model.dtype)
     if manifest.adapter is not None:
         model.attach_adapter(path / manifest.adapter)
+    if manifest.policy is not None:
+        from refrag.learned_policy import load_policy
+
+        model.policy_network = load_policy(path / manifest.policy).to(model.device)
     return model
 
 

@@ -13,7 +13,9 @@ from refrag.errors import InputError
 Mode = Literal["full", "refrag"]  # full: every chunk as tokens (plain RAG); refrag: compressed chunks
 DType = Literal["bfloat16", "float32"]  # fp16 overflows with inputs_embeds
 Pooling = Literal["mean", "cls", "last", "memory"]  # text encoders: mean / cls; the self-encoder: mean / last / memory
-ExpandStrategy = Literal["similarity", "random", "first", "last"]
+PolicyName = Literal[
+    "none", "first", "last", "random", "similarity", "lexical", "perplexity-desc", "perplexity-asc", "learned"
+]  # which chunks stay raw (refrag.policy; "learned": the checkpoint's trained policy, refrag.learned_policy)
 
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -56,13 +58,19 @@ class CompressionOptions:
 
     mode: Mode = "refrag"  # "full": every chunk as tokens (plain RAG); "refrag": compressed
     expand_fraction: float = 0.0  # p: fraction of chunks kept as raw tokens in refrag mode
-    expand_strategy: ExpandStrategy = "similarity"  # how to pick them when no learned policy exists
-    seed: int = 0  # for expand_strategy="random"
+    expand_tokens: int | None = None  # or: at most this many decoder positions spent on raw chunks
+    policy: PolicyName = "similarity"  # which chunks to keep raw (refrag.policy)
+    seed: int = 0  # for policy="random"
 
     def __post_init__(self) -> None:
         check_choice(self.mode, Mode, "mode")
         check_fraction(self.expand_fraction, "expand_fraction")
-        check_choice(self.expand_strategy, ExpandStrategy, "expand_strategy")
+        check_choice(self.policy, PolicyName, "policy")
+        if self.expand_tokens is not None:
+            if not isinstance(self.expand_tokens, int) or self.expand_tokens < 0:
+                raise InputError(f"expand_tokens must be an integer >= 0 (got {self.expand_tokens!r}).")
+            if self.expand_fraction:
+                raise InputError("give the expansion budget once: expand_fraction or expand_tokens, not both.")
 
 
 @dataclass(frozen=True)

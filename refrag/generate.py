@@ -19,7 +19,7 @@ from refrag.chunking import Chunk, Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
 from refrag.modeling import DecoderInputs, Layout, RefragModel
-from refrag.policy import choose_expanded
+from refrag.policy import Expansion, ExpansionPolicy, choose_expanded
 from refrag.prompting import PromptTemplate, rag_layout
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -64,6 +64,7 @@ class Request:
 class Timings:
     ttft_s: float  # question in -> first token out
     encode_s: float  # part of ttft spent encoding chunks (0 when precomputed)
+    policy_s: float  # part of ttft spent choosing the chunks kept raw (the expansion policy)
     prefill_s: float  # part of ttft spent in the decoder prefill
     ttit_s: float  # mean time per token after the first (0 if only one token)
     total_s: float
@@ -79,7 +80,8 @@ class Answer:
     decoder_positions: int  # prefill positions the decoder read for this question
     context_tokens: int  # raw context tokens
     context_positions: int  # positions the context occupied (chunks compressed -> 1 each)
-    expanded_chunks: tuple[int, ...]
+    expanded_chunks: tuple[int, ...]  # indices into Request.chunks kept as raw tokens
+    policy: str  # the expansion policy that chose them ("full" in full mode, "none" when none was asked for)
     kv_cache_bytes: int  # for the whole batch after the prefill
 
     @property
@@ -206,8 +208,10 @@ def generate(
     sampling: SamplingOptions = SamplingOptions(),
     template: PromptTemplate | None = None,
     on_text: TextCallback | None = None,
+    policy: ExpansionPolicy | None = None,
 ) -> list[Answer]:
-    """Answer a batch of requests. ``on_text(row, delta)`` streams text as it is produced."""
+    """Answer a batch of requests. ``on_text(row, delta)`` streams text as it is produced; ``policy`` replaces
+    the expansion policy ``compression.policy`` names (e.g. a learned one; the budget stays the options')."""
     t0 = time.perf_counter()
     if not requests:
         raise InputError("generate needs at least one request.")
@@ -220,25 +224,25 @@ def generate(
 
     with _eval_mode(model):
         encoded, encode_s = _chunk_encodings(model, requests, compression)
-        layouts, expanded_sets = [], []
+        layouts, expansions = [], []
         for r, q_ids, enc in zip(requests, question_ids, encoded):
-            expanded = choose_expanded(r.chunks, compression, encodings=enc, question=r.question,
-                                       encode=model.encode_chunks)
-            compressed = [i for i in range(len(r.chunks)) if i not in expanded]
+            expansion = choose_expanded(r.chunks, compression, encodings=enc, question=r.question, model=model,
+                                        policy=policy)
+            compressed = [i for i in range(len(r.chunks)) if i not in expansion.expanded]
             vectors = model.project(enc)[compressed] if enc is not None else None  # [V, D]
-            layouts.append(rag_layout(model, template, q_ids, r.passages, vectors, expanded))
-            expanded_sets.append(expanded)
-        batch = _Batch(tuple(requests), layouts, expanded_sets, t0, encode_s)
+            layouts.append(rag_layout(model, template, q_ids, r.passages, vectors, expansion.expanded))
+            expansions.append(expansion)
+        batch = _Batch(tuple(requests), layouts, expansions, t0, encode_s)
         return _prefill_and_decode(model, batch, sampling, on_text)
 
 
 @dataclass(frozen=True)
 class _Batch:
-    """What generation prepared for the decoder: one layout and expanded set per request."""
+    """What generation prepared for the decoder: one layout and expansion per request."""
 
     requests: tuple[Request, ...]
     layouts: list[Layout]
-    expanded: list[set[int]]
+    expansions: list[Expansion]
     t0: float  # when the call started (the questions' arrival): timings count from here
     encode_s: float  # chunk encoding at query time
 
@@ -282,13 +286,14 @@ def _prefill_and_decode(
     timings = Timings(
         ttft_s=ttft,
         encode_s=batch.encode_s,
+        policy_s=sum(e.seconds for e in batch.expansions),
         prefill_s=prefill_s,
         ttit_s=(total - ttft) / (steps - 1) if steps > 1 else 0.0,
         total_s=total,
         tokens_per_s=sum(len(r.ids) for r in rows) / total if total > 0 else 0.0,
     )
-    return [_answer(r, row, layout, expanded, timings, kv_bytes)
-            for r, row, layout, expanded in zip(batch.requests, rows, batch.layouts, batch.expanded)]
+    return [_answer(r, row, layout, expansion, timings, kv_bytes)
+            for r, row, layout, expansion in zip(batch.requests, rows, batch.layouts, batch.expansions)]
 
 
 def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs, cache, next_ids: torch.Tensor,
@@ -318,8 +323,9 @@ def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs,
         row.flush()
 
 
-def _answer(request: Request, row: _Row, layout: Layout, expanded: set[int], timings: Timings, kv_bytes: int) -> Answer:
-    chunk_tokens = [len(c.token_ids) for c in request.chunks]
+def _answer(request: Request, row: _Row, layout: Layout, expansion: Expansion, timings: Timings,
+            kv_bytes: int) -> Answer:
+    expanded, chunk_tokens = expansion.expanded, [len(c.token_ids) for c in request.chunks]
     return Answer(
         text=row.text.strip(),
         token_ids=tuple(row.ids),
@@ -329,5 +335,6 @@ def _answer(request: Request, row: _Row, layout: Layout, expanded: set[int], tim
         context_tokens=sum(p.num_tokens for p in request.passages),
         context_positions=sum(n if i in expanded else 1 for i, n in enumerate(chunk_tokens)),
         expanded_chunks=tuple(sorted(expanded)),
+        policy=expansion.policy,
         kv_cache_bytes=kv_bytes,
     )

@@ -242,6 +242,7 @@ class RefragModel(nn.Module):
         self.projector = projector or Projector(encoder.hidden_size, decoder.config.hidden_size, config.target_rms)
         self.projector.to(device=decoder.device, dtype=decoder.dtype)
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
+        self.policy_network: nn.Module | None = None  # a learned expansion policy (refrag.learned_policy), if any
 
     @property
     def device(self) -> torch.device:

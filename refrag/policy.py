@@ -1,35 +1,46 @@
-"""Selective expansion: which context chunks stay raw tokens. One seam, ``ExpansionPolicy.select``.
+"""Selective expansion: which context chunks stay raw tokens. One seam, ``ExpansionPolicy.scores``.
 
-REFRAG compresses every chunk but a few, chosen per question. A policy ranks the chunks and keeps ``count`` of
-them raw; how many is the budget (``expansion_count``: round(p * L) for a fraction p), decided outside the
-policy so every policy spends the same positions. Heuristic policies live here; a learned one plugs in at the
-same seam (anything with a ``select`` method).
+REFRAG compresses every chunk but a few, chosen per question. A policy scores the L chunks (higher: keep raw
+first); the budget (``Budget``: a fraction p of the chunks, or a number of decoder positions) is spent outside the
+policy, in score order, so every policy spends the same positions and a token budget is never exceeded.
+
+Policies (``PolicyName``): ``none`` (nothing raw), ``first`` / ``last`` (position), ``random`` (seeded, the paper's
+RAND), ``similarity`` (cosine of chunk and question encodings), ``lexical`` (BM25 of the question's terms over the
+request's chunks), ``perplexity-desc`` / ``perplexity-asc`` (the chunk's token perplexity under the decoder,
+highest / lowest first: the paper's Fig. 3 baselines), ``learned`` (the checkpoint's trained network,
+``refrag.learned_policy``). Any object with a ``scores`` method plugs in at the same seam.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from refrag.chunking import Chunk
-from refrag.config import CompressionOptions, ExpandStrategy
+from refrag.config import CompressionOptions, PolicyName
 from refrag.errors import InputError
 
+if TYPE_CHECKING:
+    from refrag.modeling import RefragModel
+
 Encode = Callable[[Sequence[str]], torch.Tensor]  # texts -> [N, E] chunk-encoder outputs
+ChunkNLL = Callable[[Sequence[Chunk]], list[float]]  # chunks -> mean token NLL of each, read alone
 
 
 class ExpansionPolicy(Protocol):
-    """Picks which of a question's L chunks the decoder reads as raw tokens."""
+    """Ranks a question's L chunks for expansion."""
 
-    def select(
-        self, chunks: Sequence[Chunk], encodings: torch.Tensor | None, question: str | None, count: int
-    ) -> set[int]:
-        """``count`` chunk indices in [0, L). ``encodings``: [L, E] chunk-encoder outputs (None where the
-        caller has none); ``question``: the question text (None when there is none, e.g. plain text)."""
+    def scores(self, chunks: Sequence[Chunk], encodings: torch.Tensor | None, question: str | None) -> list[float]:
+        """One score per chunk, higher = keep raw first. ``encodings``: [L, E] chunk-encoder outputs (None where
+        the caller has none); ``question``: the question text (None when there is none, e.g. plain text)."""
         ...
 
 
@@ -37,26 +48,37 @@ class ExpansionPolicy(Protocol):
 class FirstPolicy:
     """The first chunks (the top-ranked passage's opening)."""
 
-    def select(self, chunks, encodings, question, count) -> set[int]:
-        return set(range(count))
+    def scores(self, chunks, encodings, question) -> list[float]:
+        return [-float(i) for i in range(len(chunks))]
 
 
 @dataclass(frozen=True)
 class LastPolicy:
     """The last chunks (nearest the question, or the continuation to predict)."""
 
-    def select(self, chunks, encodings, question, count) -> set[int]:
-        return set(range(len(chunks) - count, len(chunks)))
+    def scores(self, chunks, encodings, question) -> list[float]:
+        return [float(i) for i in range(len(chunks))]
 
 
 @dataclass(frozen=True)
 class RandomPolicy:
-    """A seeded random choice (the paper's RAND baseline)."""
+    """A seeded random order (the paper's RAND baseline)."""
 
     seed: int = 0
 
-    def select(self, chunks, encodings, question, count) -> set[int]:
-        return set(random.Random(self.seed).sample(range(len(chunks)), count))
+    def scores(self, chunks, encodings, question) -> list[float]:
+        order = random.Random(self.seed).sample(range(len(chunks)), len(chunks))  # order[r]: the r-th pick
+        scores = [0.0] * len(chunks)
+        for rank, i in enumerate(order):
+            scores[i] = -float(rank)
+        return scores
+
+
+def _need_question(question: str | None, policy: str) -> str:
+    if not question or not question.strip():
+        raise InputError(f"the {policy} policy needs the question; for plain text use first, last, random or "
+                         "perplexity-desc/asc.")
+    return question
 
 
 @dataclass(frozen=True)
@@ -65,34 +87,164 @@ class SimilarityPolicy:
 
     encode: Encode
 
-    def select(self, chunks, encodings, question, count) -> set[int]:
-        if encodings is None or question is None:
-            raise InputError("similarity expansion needs the chunks' encodings and the question.")
-        query = self.encode([question])[0]  # [E]
-        scores = torch.nn.functional.cosine_similarity(
+    def scores(self, chunks, encodings, question) -> list[float]:
+        if encodings is None:
+            raise InputError("the similarity policy needs the chunks' encodings.")
+        query = self.encode([_need_question(question, "similarity")])[0]  # [E]
+        return torch.nn.functional.cosine_similarity(
             encodings.float(), query.float().reshape(1, -1), dim=-1
-        )  # [L]
-        return set(scores.topk(count).indices.tolist())
+        ).tolist()  # [L]
 
 
-def make_policy(strategy: ExpandStrategy, *, seed: int = 0, encode: Encode | None = None) -> ExpansionPolicy:
-    """The heuristic policy named ``strategy``; ``similarity`` needs the chunk encoder (``encode``)."""
-    if strategy == "first":
+_WORD = re.compile(r"\w+")
+_STOPWORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "had", "has", "have",
+    "how", "i", "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what",
+    "when", "where", "which", "who", "whom", "whose", "why", "will", "with",
+})
+
+
+def terms(text: str) -> list[str]:
+    """Lower-cased word tokens without stop words (what lexical matching compares)."""
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
+
+
+@dataclass(frozen=True)
+class LexicalPolicy:
+    """BM25 of the question's terms over the request's chunks (Lucene's idf, k1 = 1.2, b = 0.75)."""
+
+    k1: float = 1.2
+    b: float = 0.75
+
+    def scores(self, chunks, encodings, question) -> list[float]:
+        query = set(terms(_need_question(question, "lexical")))
+        docs = [Counter(terms(c.text)) for c in chunks]
+        mean_len = sum(sum(d.values()) for d in docs) / max(len(docs), 1) or 1.0
+        df = Counter(t for d in docs for t in d if t in query)
+        idf = {t: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for t, n in df.items()}
+        out = []
+        for d in docs:
+            norm = self.k1 * (1 - self.b + self.b * sum(d.values()) / mean_len)
+            out.append(sum(idf[t] * d[t] * (self.k1 + 1) / (d[t] + norm) for t in idf if t in d))
+        return out
+
+
+@dataclass(frozen=True)
+class PerplexityPolicy:
+    """Chunks by their tokens' perplexity under the decoder, each chunk read alone (so it is one float per chunk,
+    computable at index time): ``descending`` expands the hardest-to-predict chunks first."""
+
+    nll: ChunkNLL
+    descending: bool = True
+
+    def scores(self, chunks, encodings, question) -> list[float]:
+        values = self.nll(chunks)
+        return values if self.descending else [-v for v in values]
+
+
+def chunk_nll(model: RefragModel, chunks: Sequence[Chunk], batch_size: int = 64) -> list[float]:
+    """Mean next-token NLL of each chunk's tokens after the start token, under the ORIGINAL decoder (adapter
+    off), each chunk read alone after the start token."""
+    from refrag.modeling import start_token, token_nll
+
+    start = start_token(model.tokenizer)
+    if start is None:
+        raise InputError("the perplexity policies need a tokenizer with a BOS or EOS token to start a chunk.")
+    out: list[float] = []
+    with torch.inference_mode():
+        for i in range(0, len(chunks), batch_size):
+            layouts = [model.scored_layout([[start]], list(c.token_ids)) for c in chunks[i : i + batch_size]]
+            logits, labels = model.label_logits(model.build_inputs(layouts))
+            nll, mask = token_nll(logits, labels)  # [B, K]
+            out += ((nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return out
+
+
+def make_policy(name: PolicyName, *, seed: int = 0, model: RefragModel | None = None) -> ExpansionPolicy:
+    """The heuristic policy ``name``; ``similarity`` and ``perplexity-*`` need the model (its chunk encoder,
+    its decoder)."""
+    if name == "first":
         return FirstPolicy()
-    if strategy == "last":
+    if name == "last":
         return LastPolicy()
-    if strategy == "random":
+    if name == "random":
         return RandomPolicy(seed)
-    if strategy == "similarity":
-        if encode is None:
-            raise InputError("similarity expansion needs the chunk encoder to encode the question.")
-        return SimilarityPolicy(encode)
-    raise InputError(f"unknown expansion strategy {strategy!r}.")
+    if name == "lexical":
+        return LexicalPolicy()
+    if name == "learned":
+        if model is None or model.policy_network is None:
+            raise InputError("this checkpoint has no learned policy: train one with `refrag train policy --init "
+                             "CKPT`, or choose a heuristic --policy (lexical, similarity, ...).")
+        from refrag.learned_policy import LearnedPolicy
+
+        return LearnedPolicy(model.policy_network)  # type: ignore[arg-type]
+    if name in ("similarity", "perplexity-desc", "perplexity-asc"):
+        if model is None:
+            raise InputError(f"the {name} policy needs the model (its chunk encoder or decoder).")
+        if name == "similarity":
+            return SimilarityPolicy(model.encode_chunks)
+        return PerplexityPolicy(lambda chunks: chunk_nll(model, chunks), descending=name == "perplexity-desc")
+    raise InputError(f"unknown policy {name!r} (none has no policy object: nothing is expanded).")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much raw text a request may read: ``fraction`` p of its L chunks (round(p * L)), or at most
+    ``tokens`` decoder positions on raw chunks (chunks are taken in score order while they fit)."""
+
+    fraction: float = 0.0
+    tokens: int | None = None
+
+    @classmethod
+    def of(cls, options: CompressionOptions) -> Budget:
+        return cls(options.expand_fraction, options.expand_tokens)
+
+    @property
+    def empty(self) -> bool:
+        return not self.tokens and not self.fraction
+
+    def spend(self, chunks: Sequence[Chunk], scores: Sequence[float]) -> set[int]:
+        """Chunk indices to keep raw, best score first (ties: earlier chunk first)."""
+        order = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
+        if self.tokens is None:
+            return set(order[: expansion_count(len(chunks), self.fraction)])
+        picked, used = set(), 0
+        for i in order:
+            if used + len(chunks[i].token_ids) <= self.tokens:
+                picked.add(i)
+                used += len(chunks[i].token_ids)
+        return picked
 
 
 def expansion_count(num_chunks: int, fraction: float) -> int:
-    """The budget: round(p * L) chunks stay raw."""
+    """The fraction budget: round(p * L) chunks stay raw."""
     return round(fraction * num_chunks)
+
+
+def select(
+    policy: ExpansionPolicy,
+    chunks: Sequence[Chunk],
+    budget: Budget,
+    *,
+    encodings: torch.Tensor | None = None,
+    question: str | None = None,
+) -> set[int]:
+    """The chunks ``policy`` keeps raw within ``budget``."""
+    if budget.empty or not chunks:
+        return set()
+    scores = policy.scores(chunks, encodings, question)
+    if len(scores) != len(chunks):
+        raise InputError(f"the expansion policy gave {len(scores)} scores for {len(chunks)} chunks.")
+    return budget.spend(chunks, scores)
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What a policy decided for one request, and how long it took (part of TTFT)."""
+
+    expanded: set[int]
+    policy: str  # the policy's name ("full" in full mode, "none" when nothing could be expanded)
+    seconds: float
 
 
 def choose_expanded(
@@ -101,14 +253,17 @@ def choose_expanded(
     *,
     encodings: torch.Tensor | None = None,
     question: str | None = None,
-    encode: Encode | None = None,
-) -> set[int]:
-    """Indices of chunks kept as raw tokens: all in full mode, ``expansion_count`` of them in refrag mode,
-    picked by ``options.expand_strategy``."""
+    model: RefragModel | None = None,
+    policy: ExpansionPolicy | None = None,
+) -> Expansion:
+    """The chunks kept as raw tokens: all in full mode; in refrag mode what ``policy`` (default: the one
+    ``options.policy`` names) picks within the options' budget."""
+    t0 = time.perf_counter()
     if options.mode == "full":
-        return set(range(len(chunks)))
-    count = expansion_count(len(chunks), options.expand_fraction)
-    if count == 0:
-        return set()
-    policy = make_policy(options.expand_strategy, seed=options.seed, encode=encode)
-    return policy.select(chunks, encodings, question, count)
+        return Expansion(set(range(len(chunks))), "full", 0.0)
+    budget = Budget.of(options)
+    if options.policy == "none" or budget.empty:
+        return Expansion(set(), "none", 0.0)
+    policy = policy or make_policy(options.policy, seed=options.seed, model=model)
+    expanded = select(policy, chunks, budget, encodings=encodings, question=question)
+    return Expansion(expanded, options.policy, time.perf_counter() - t0)

@@ -11,8 +11,8 @@ def test_bad_options():
         CompressionOptions(mode="zip")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="expand_fraction"):
         CompressionOptions(expand_fraction=1.5)
-    with pytest.raises(InputError, match="expand_strategy"):
-        CompressionOptions(expand_strategy="best")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="policy"):
+        CompressionOptions(policy="best")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="max_new_tokens"):
         SamplingOptions(max_new_tokens=0)
     with pytest.raises(InputError, match="top_p"):

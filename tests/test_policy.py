@@ -7,56 +7,135 @@ import torch
 from conftest import tiny_refrag
 
 from refrag.chunking import Chunk
-from refrag.config import CompressionOptions, ExpandStrategy, SamplingOptions
+from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, SamplingOptions
 from refrag.errors import InputError
 from refrag.generate import Request, generate
-from refrag.policy import ExpansionPolicy, choose_expanded, expansion_count, make_policy
+from refrag.policy import (
+    Budget,
+    ExpansionPolicy,
+    LexicalPolicy,
+    RandomPolicy,
+    choose_expanded,
+    chunk_nll,
+    expansion_count,
+    make_policy,
+    select,
+)
 
 CHUNKS = [Chunk((i,), f"chunk {i}") for i in range(4)]
 
 
+def _chosen(options, **kw):
+    return choose_expanded(CHUNKS, options, **kw).expanded
+
+
 def test_heuristic_choices():
+    assert _chosen(CompressionOptions(mode="full")) == {0, 1, 2, 3}
+    assert _chosen(CompressionOptions()) == set()
+    assert _chosen(CompressionOptions(expand_fraction=0.5, policy="first")) == {0, 1}
+    assert _chosen(CompressionOptions(expand_fraction=0.5, policy="last")) == {2, 3}
+    assert _chosen(CompressionOptions(expand_fraction=0.5, policy="none")) == set()
+    rnd = CompressionOptions(expand_fraction=0.5, policy="random", seed=1)
+    assert _chosen(rnd) == _chosen(rnd) and len(_chosen(rnd)) == 2
+    assert choose_expanded(CHUNKS, rnd).policy == "random" and choose_expanded(CHUNKS, CompressionOptions()).policy == "none"
+
+
+def test_similarity_picks_the_chunk_closest_to_the_question():
     enc = torch.eye(4)
-    assert choose_expanded(CHUNKS, CompressionOptions(mode="full")) == {0, 1, 2, 3}
-    assert choose_expanded(CHUNKS, CompressionOptions()) == set()
-    assert choose_expanded(CHUNKS, CompressionOptions(expand_fraction=0.5, expand_strategy="first")) == {0, 1}
-    assert choose_expanded(CHUNKS, CompressionOptions(expand_fraction=0.5, expand_strategy="last")) == {2, 3}
-    sim = CompressionOptions(expand_fraction=0.25)
-    assert choose_expanded(CHUNKS, sim, encodings=enc, question="q", encode=lambda texts: enc[2:3]) == {2}
-    rnd = CompressionOptions(expand_fraction=0.5, expand_strategy="random", seed=1)
-    assert choose_expanded(CHUNKS, rnd) == choose_expanded(CHUNKS, rnd) and len(choose_expanded(CHUNKS, rnd)) == 2
-
-
-def test_similarity_needs_encodings_and_the_encoder():
-    with pytest.raises(InputError, match="encoder"):
+    model = type("M", (), {"encode_chunks": staticmethod(lambda texts: enc[2:3])})()
+    assert _chosen(CompressionOptions(expand_fraction=0.25), encodings=enc, question="q", model=model) == {2}
+    with pytest.raises(InputError, match="model"):
         make_policy("similarity")
     with pytest.raises(InputError, match="encodings"):
-        make_policy("similarity", encode=lambda t: torch.zeros(1, 4)).select(CHUNKS, None, "q", 1)
+        make_policy("similarity", model=model).scores(CHUNKS, None, "q")
+    with pytest.raises(InputError, match="question"):
+        make_policy("similarity", model=model).scores(CHUNKS, enc, None)
 
 
-def test_every_strategy_has_a_policy_and_the_budget_is_round_p_l():
-    for name in get_args(ExpandStrategy):
-        policy = make_policy(name, encode=lambda texts: torch.ones(len(texts), 4))
-        assert len(policy.select(CHUNKS, torch.randn(4, 4), "q", 3)) == 3
+def test_lexical_ranks_the_chunk_with_the_rare_question_terms_first():
+    chunks = [Chunk((0,), "The city has a river."), Chunk((1,), "Paris is the capital of France."),
+              Chunk((2,), "The river is long."), Chunk((3,), "Nothing here.")]
+    scores = LexicalPolicy().scores(chunks, None, "What is the capital of France?")
+    assert max(range(4), key=scores.__getitem__) == 1 and scores[3] == 0.0
+    river = LexicalPolicy().scores(chunks, None, "Which river is in the capital?")
+    assert river[1] > 0 and river[0] > 0 and river[3] == 0.0  # "the", "is", "in", "which" are stop words
+
+
+def test_random_order_is_seeded_and_a_permutation():
+    scores = RandomPolicy(3).scores([Chunk((i,), "") for i in range(10)], None, None)
+    assert sorted(scores) == [-float(r) for r in range(9, -1, -1)] and scores == RandomPolicy(3).scores(
+        [Chunk((i,), "") for i in range(10)], None, None) and scores != RandomPolicy(4).scores(
+        [Chunk((i,), "") for i in range(10)], None, None)
+
+
+def test_every_policy_name_is_built_and_gives_one_score_per_chunk():
+    model = tiny_refrag("llama", k=4)
+    chunks = Request.from_texts("q", ["Paris is the capital of France. " * 2], model.tokenizer).chunks
+    enc = model.encode_chunks(chunks)
+    for name in get_args(PolicyName):
+        if name == "none":
+            continue
+        policy = make_policy(name, model=model)
+        assert len(policy.scores(chunks, enc, "What is the capital?")) == len(chunks), name
+
+
+def test_chunk_nll_reads_each_chunk_alone_with_the_original_decoder():
+    model = tiny_refrag("llama", k=4)
+    chunks = Request.from_texts("q", ["Paris is the capital of France, and Lyon is not. Rome is old. Bern is small and quiet."], model.tokenizer,
+                               ChunkingOptions(k=4)).chunks
+    together = chunk_nll(model, chunks, batch_size=64)
+    assert together == pytest.approx([chunk_nll(model, [c])[0] for c in chunks], abs=1e-4)  # batch-independent
+    assert all(v > 0 for v in together)
+    one = Budget(tokens=len(chunks[0].token_ids))  # one full chunk
+    desc = select(make_policy("perplexity-desc", model=model), chunks, one)
+    asc = select(make_policy("perplexity-asc", model=model), chunks, one)
+    full = [i for i, c in enumerate(chunks) if len(c.token_ids) == len(chunks[0].token_ids)]
+    assert len(full) > 2 and desc == {max(full, key=together.__getitem__)} and asc == {min(full, key=together.__getitem__)}
+
+
+def test_the_fraction_budget_is_round_p_l_and_the_token_budget_is_never_exceeded():
     assert [expansion_count(10, p) for p in (0.0, 0.14, 0.25, 1.0)] == [0, 1, 2, 10]
+    uneven = [Chunk(tuple(range(n)), "") for n in (16, 16, 5, 16, 3)]
+    scores = [5.0, 4.0, 3.0, 2.0, 1.0]
+    for tokens in range(60):
+        picked = Budget(tokens=tokens).spend(uneven, scores)
+        assert sum(len(uneven[i].token_ids) for i in picked) <= tokens
+    assert Budget(tokens=20).spend(uneven, scores) == {0, 4}  # 16 fits, the next 16 does not, 5 does not, 3 does
+    assert Budget(tokens=37).spend(uneven, scores) == {0, 1, 2}
+    assert Budget(fraction=0.4).spend(uneven, scores) == {0, 1}
+    with pytest.raises(InputError, match="not both"):
+        CompressionOptions(expand_fraction=0.1, expand_tokens=32)
+    with pytest.raises(InputError, match="expand_tokens"):
+        CompressionOptions(expand_tokens=-1)
 
 
 class EverySecond:
-    """A policy defined outside refrag: anything with ``select`` fits the seam."""
+    """A policy defined outside refrag: anything with ``scores`` fits the seam."""
 
-    def select(self, chunks, encodings, question, count):
-        return set(range(0, len(chunks), 2)[:count])
+    def scores(self, chunks, encodings, question):
+        return [1.0 if i % 2 == 0 else 0.0 for i in range(len(chunks))]
 
 
 def test_a_custom_policy_fits_the_seam():
     policy: ExpansionPolicy = EverySecond()
-    assert policy.select(CHUNKS, None, None, 2) == {0, 2}
-
-
-def test_generation_expands_what_the_policy_chose():
+    assert select(policy, CHUNKS, Budget(fraction=0.5)) == {0, 2}
     model = tiny_refrag("llama")
     request = Request.from_texts("What is it?", ["Paris is the capital of France. " * 3], model.tokenizer)
-    last = generate(model, [request], compression=CompressionOptions(expand_fraction=0.5, expand_strategy="last"),
+    answer = generate(model, [request], compression=CompressionOptions(expand_fraction=0.5), policy=policy,
+                      sampling=SamplingOptions(max_new_tokens=1))[0]
+    L = len(request.chunks)
+    assert answer.expanded_chunks == tuple(range(0, L, 2))[: round(0.5 * L)]
+
+
+def test_generation_expands_what_the_policy_chose_and_times_it():
+    model = tiny_refrag("llama")
+    request = Request.from_texts("What is it?", ["Paris is the capital of France. " * 3], model.tokenizer)
+    last = generate(model, [request], compression=CompressionOptions(expand_fraction=0.5, policy="last"),
                     sampling=SamplingOptions(max_new_tokens=1))[0]
     L = len(request.chunks)
-    assert last.expanded_chunks == tuple(range(L - round(0.5 * L), L))
+    assert last.expanded_chunks == tuple(range(L - round(0.5 * L), L)) and last.policy == "last"
+    assert 0 < last.timings.policy_s < last.timings.ttft_s
+    budget = generate(model, [request], compression=CompressionOptions(expand_tokens=2 * model.k, policy="lexical"),
+                      sampling=SamplingOptions(max_new_tokens=1))[0]
+    assert sum(len(request.chunks[i].token_ids) for i in budget.expanded_chunks) <= 2 * model.k
+    assert budget.decoder_positions <= last.decoder_positions + 2 * model.k

@@ -8,7 +8,15 @@ from typing import Annotated, get_args
 
 import typer
 
-from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.common import (
+    ExpansionChoice,
+    Json,
+    ModelChoice,
+    expansion_options,
+    model_options,
+    print_json,
+    setup_torch,
+)
 from refrag.config import Mode
 
 IndexPath = Annotated[Path, typer.Argument(help="index folder")]
@@ -26,6 +34,10 @@ def parse_modes(mode: str) -> tuple[Mode, ...]:
     if mode not in modes:
         raise InputError(f"--mode must be {', '.join(modes)} or {BOTH} (got {mode!r}).")
     return (mode,)  # type: ignore[return-value]
+
+
+def _chunk_list(chunks: tuple[int, ...]) -> str:
+    return ", ".join(map(str, chunks)) if chunks else "none (every chunk compressed)"
 
 
 def _where(meta) -> str:
@@ -48,6 +60,7 @@ def search_cmd(index_path: IndexPath, query: Annotated[str, typer.Argument(help=
 
 
 @model_options()
+@expansion_options()
 def ask_cmd(
     index_path: IndexPath,
     question: Annotated[str, typer.Argument(help="the question")],
@@ -57,6 +70,7 @@ def ask_cmd(
     json_out: Json = False,
     *,
     choice: ModelChoice,
+    expansion: ExpansionChoice,
 ) -> None:
     """Retrieve, compress with the stored chunk vectors, generate; prints the answer, sources and timings.
 
@@ -64,7 +78,7 @@ def ask_cmd(
     what built the index.
     """
     setup_torch()
-    from refrag.config import CompressionOptions, SamplingOptions
+    from refrag.config import SamplingOptions
     from refrag.index import Index
     from refrag.pipeline import Pipeline
 
@@ -72,13 +86,14 @@ def ask_cmd(
     index = Index.open(index_path)
     pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
-    results = {m: pipe.ask(question, top_k=top_k, compression=CompressionOptions(mode=m), sampling=sampling)
+    results = {m: pipe.ask(question, top_k=top_k, compression=expansion.compression(m), sampling=sampling)
                for m in modes}
     ratio = results["full"].ttft_s / results["refrag"].ttft_s if len(modes) > 1 else None
     if json_out:
         answers = [{"mode": m, "answer": r.answer.text, "ttft_s": r.ttft_s, "retrieval_s": r.retrieval_s,
                     "timings": asdict(r.answer.timings), "decoder_positions": r.answer.decoder_positions,
-                    "context_tokens": r.answer.context_tokens} for m, r in results.items()]
+                    "context_tokens": r.answer.context_tokens, "policy": r.answer.policy,
+                    "expanded_chunks": list(r.answer.expanded_chunks)} for m, r in results.items()]
         sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
                    for h in results[modes[0]].hits]
         print_json({"question": question, "answers": answers, "sources": sources, "ttft_ratio": ratio})
@@ -86,8 +101,11 @@ def ask_cmd(
     for m, r in results.items():
         t = r.answer.timings
         typer.secho(f"[{m}] {r.answer.text}", bold=True)
-        typer.echo(f"  TTFT {r.ttft_s:.3f}s (retrieval {r.retrieval_s * 1e3:.1f} ms, prefill {t.prefill_s:.3f}s, "
-                   f"{r.answer.decoder_positions} decoder positions for {r.answer.context_tokens} context tokens)")
+        typer.echo(f"  TTFT {r.ttft_s:.3f}s (retrieval {r.retrieval_s * 1e3:.1f} ms, policy {t.policy_s * 1e3:.1f} ms, "
+                   f"prefill {t.prefill_s:.3f}s, {r.answer.decoder_positions} decoder positions for "
+                   f"{r.answer.context_tokens} context tokens)")
+        if m == "refrag":
+            typer.echo(f"  raw chunks ({r.answer.policy}): {_chunk_list(r.answer.expanded_chunks)}")
     for rank, h in enumerate(results[modes[0]].hits, 1):
         typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
     if ratio is not None:

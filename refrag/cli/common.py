@@ -12,11 +12,13 @@ import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 
-from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K
+from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, PolicyName
+
+T = TypeVar("T")
 
 Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 Checkpoint = Annotated[
@@ -110,6 +112,58 @@ def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True
         return ModelChoice(model, decoder, encoder, k, dtype)
 
     return option_group("choice", build, tuple(params))
+
+
+def comma_list(spec: str, convert: Callable[[str], T], option: str) -> tuple[T, ...]:
+    """``"0.1,0.25"`` -> (0.1, 0.25); an error names the option and the bad item."""
+    from refrag.errors import InputError
+
+    items = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        try:
+            items.append(convert(item))
+        except ValueError as e:
+            raise InputError(f"{option}: {item!r} is not a valid {convert.__name__}.") from e
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class ExpansionChoice:
+    """Which chunks stay raw tokens in refrag mode: a policy and a budget (a fraction of the chunks, or decoder
+    positions)."""
+
+    policy: str = "similarity"
+    fraction: float = 0.0
+    tokens: int | None = None
+
+    def compression(self, mode: str):
+        """The CompressionOptions for ``mode`` (validated there)."""
+        from refrag.config import CompressionOptions
+
+        return CompressionOptions(mode=mode, policy=self.policy, expand_fraction=self.fraction,  # type: ignore[arg-type]
+                                  expand_tokens=self.tokens)
+
+
+def expansion_options(*, policy: str = "similarity", fraction: float = 0.0):
+    """``--policy / --expand-fraction / --expand-tokens`` as one group (the command receives
+    ``expansion: ExpansionChoice``)."""
+    params = (
+        flag("policy", Annotated[str, typer.Option(
+            help=f"which chunks stay raw tokens in refrag mode: {', '.join(get_args(PolicyName))}")], policy),
+        flag("expand_fraction", Annotated[float, typer.Option(
+            help="budget: fraction of the chunks kept raw (refrag mode)")], fraction),
+        flag("expand_tokens", Annotated[int | None, typer.Option(
+            help="budget instead: at most this many decoder positions on raw chunks", show_default=False)], None),
+    )
+
+    def build(policy: str, expand_fraction: float, expand_tokens: int | None) -> ExpansionChoice:
+        if expand_tokens is not None and expand_fraction == fraction:
+            expand_fraction = 0.0  # a token budget replaces the default fraction (both given: an error below)
+        choice = ExpansionChoice(policy, expand_fraction, expand_tokens)
+        choice.compression("refrag")  # validate now, before any model loads
+        return choice
+
+    return option_group("expansion", build, params)
 
 
 def setup_torch() -> None:

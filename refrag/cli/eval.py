@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
-from refrag.cli.common import Checkpoint, Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.common import (
+    Checkpoint,
+    Json,
+    ModelChoice,
+    comma_list,
+    model_options,
+    print_json,
+    setup_torch,
+)
+from refrag.config import PolicyName
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate quality (perplexity, QA).")
 
@@ -31,9 +40,10 @@ def perplexity_cmd(
     seed: Seed = 0,
     batch_size: Annotated[int, typer.Option(help="examples per forward")] = 4,
     text_field: Annotated[str, typer.Option(help="text field of jsonl / HF records")] = "text",
-    expand: Annotated[float, typer.Option(help="also score REFRAG_k with this fraction of chunks as raw tokens "
-                                               "(and truncated at its positions)")] = 0.0,
-    expand_strategy: Annotated[str, typer.Option(help="which chunks stay raw: last or random")] = "last",
+    expand: Annotated[str, typer.Option(help="also score REFRAG_k with these fractions of chunks as raw tokens, "
+                                             "comma-separated (and truncated at their positions)")] = "",
+    policy: Annotated[str, typer.Option(help="which chunks stay raw, comma-separated: first, last, random, "
+                                             "perplexity-desc, perplexity-asc")] = "last",
     out: Out = None,
     json_out: Json = False,
     *,
@@ -48,9 +58,11 @@ def perplexity_cmd(
     from refrag.io import write_json_atomic, write_jsonl_atomic
     from refrag.train.data import iter_documents
 
+    fractions, policies = comma_list(expand, float, "--expand"), comma_list(policy, str, "--policy")
+    PerplexityOptions(s=s, o=o, ks=tuple(k or [16]), limit=limit, expand=fractions, policies=policies)  # type: ignore[arg-type]  # fail before loading
     m = replace(choice, k=k[0] if k else None).load(progress=not json_out)
     options = PerplexityOptions(s=s, o=o, ks=tuple(k or [m.k]), limit=limit, seed=seed, batch_size=batch_size,
-                                expand=expand, expand_strategy=expand_strategy)  # type: ignore[arg-type]
+                                expand=fractions, policies=policies)  # type: ignore[arg-type]
     docs = itertools.chain.from_iterable(iter_documents(src, text_field) for src in data)
     examples = extract_examples(docs, m.tokenizer, s, o, limit, seed)
     result = evaluate_perplexity(m, examples, options)
@@ -79,6 +91,11 @@ def qa_cmd(
         Path | None, typer.Option("--index", help="retrieve passages from this index (else gold passages)")
     ] = None,
     passages: Annotated[int, typer.Option(help="passages per question (modes without @N)")] = 1,
+    policy: Annotated[str, typer.Option(help="expansion policies for refrag / extractive rows, comma-separated "
+                                             f"({', '.join(get_args(PolicyName))})")] = "",
+    expand_fraction: Annotated[str, typer.Option(help="budgets: fractions of chunks kept raw, comma-separated")] = "",
+    expand_tokens: Annotated[str, typer.Option(help="budgets: decoder positions on raw chunks, comma-separated")]
+        = "",
     counterfactual: Annotated[
         bool, typer.Option(help="use the answer-swapped passages (cf_context / cf_answer)")
     ] = False,
@@ -97,22 +114,28 @@ def qa_cmd(
     setup_torch()
     from dataclasses import asdict
 
-    from refrag.eval.qa import QAFields, QAOptions, evaluate_qa, load_qa, parse_modes
+    from refrag.eval.qa import QAFields, QAOptions, compare_modes, evaluate_qa, load_qa, parse_modes
     from refrag.io import write_json_atomic, write_jsonl_atomic
 
-    options = QAOptions(parse_modes(modes), passages=passages, max_new_tokens=max_new_tokens, seed=seed)
+    parsed = parse_modes(modes, comma_list(policy, str, "--policy"),
+                         comma_list(expand_fraction, float, "--expand-fraction"),
+                         comma_list(expand_tokens, int, "--expand-tokens"))
+    options = QAOptions(parsed, passages=passages, max_new_tokens=max_new_tokens, seed=seed)
     fields = QAFields(question=question_field, answer=answer_field, context=context_field)
     examples = load_qa(data, fields, limit=limit, seed=seed, counterfactual=counterfactual)
     m = choice.load(progress=not json_out)
     pipeline, compressor = _qa_helpers(m, index, options, choice)
     summaries, records = evaluate_qa(m, examples, options, pipeline=pipeline, compressor=compressor)
+    comparisons = compare_modes(options.modes, records, seed)
     rows = [asdict(s) for s in summaries]
+    deltas = [asdict(c) for c in comparisons]
     if out is not None:
-        write_json_atomic(out / "summary.json", {"modes": rows, "data": str(data), "counterfactual": counterfactual,
+        write_json_atomic(out / "summary.json", {"modes": rows, "comparisons": deltas, "data": str(data),
+                                                 "counterfactual": counterfactual,
                                                  "model": choice.checkpoint or "default", "seed": seed})
         write_jsonl_atomic(out / "examples.jsonl", (asdict(r) for r in records))
     if json_out:
-        print_json(rows)
+        print_json({"modes": rows, "comparisons": deltas})
         return
     for s in summaries:
         memory = f"  memory {s.memory:.3f}" if s.memory is not None else ""
@@ -120,6 +143,10 @@ def qa_cmd(
             f"{s.mode:<12} n={s.n} passages={s.passages} EM {s.em:.3f}  F1 {s.f1:.3f}  contains {s.contains:.3f}"
             f"{memory}  TTFT p50 {s.ttft_p50_s * 1e3:.0f} ms  positions {s.decoder_positions:.0f}"
         )
+    for c in comparisons:
+        d = c.contains
+        typer.echo(f"contains {c.mode} - {c.baseline}: {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] "
+                   f"({d.level:.0%} paired bootstrap{', significant' if d.significant else ''})")
 
 
 def _qa_helpers(model, index: Path | None, options, choice: ModelChoice):

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.common import (
+    ExpansionChoice,
+    Json,
+    ModelChoice,
+    expansion_options,
+    model_options,
+    print_json,
+    setup_torch,
+)
 from refrag.errors import InputError
 
 
@@ -26,11 +34,11 @@ def read_context_files(paths: list[Path]) -> list[str]:
 
 
 @model_options()
+@expansion_options()
 def generate_cmd(
     context: Annotated[list[Path], typer.Option("--context", "-c", help="context text file(s)")],
     question: Annotated[str, typer.Option("--question", "-q", help="the question")],
     mode: Annotated[str, typer.Option(help="full (plain RAG) or refrag (compressed)")] = "refrag",
-    expand_fraction: Annotated[float, typer.Option(help="fraction of chunks kept as raw tokens")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
@@ -39,13 +47,14 @@ def generate_cmd(
     json_out: Json = False,
     *,
     choice: ModelChoice,
+    expansion: ExpansionChoice,
 ) -> None:
     """Answer QUESTION from the context files; streams the answer, then prints timings."""
     setup_torch()
-    from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
+    from refrag.config import ChunkingOptions, SamplingOptions
     from refrag.generate import Request, generate
 
-    compression = CompressionOptions(mode=mode, expand_fraction=expand_fraction)  # type: ignore[arg-type]
+    compression = expansion.compression(mode)
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
     texts = read_context_files(context)
     m = choice.load(progress=not json_out)
@@ -57,7 +66,8 @@ def generate_cmd(
         return
     t = answer.timings
     typer.echo(
-        f"\n[{mode}] TTFT {t.ttft_s:.3f}s (encode {t.encode_s:.3f}s, prefill {t.prefill_s:.3f}s), "
+        f"\n[{mode}] TTFT {t.ttft_s:.3f}s (encode {t.encode_s:.3f}s, policy {t.policy_s:.3f}s, "
+        f"prefill {t.prefill_s:.3f}s), raw chunks {list(answer.expanded_chunks)} ({answer.policy}), "
         f"TTIT {t.ttit_s * 1e3:.0f} ms, {len(answer.token_ids)} tokens, decoder positions "
         f"{answer.decoder_positions}, context {answer.context_tokens} tokens -> {answer.context_positions} "
         f"positions ({answer.compression:.1f}x)",

@@ -17,7 +17,7 @@ from refrag.cli.common import ModelChoice, flag, model_options, option_group, se
 if TYPE_CHECKING:
     from refrag.config import RefragConfig
 
-app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed.")
+app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed (-> policy).")
 
 TRAINING_DATA = ("../shared/data/wiki_vital_summaries_en.jsonl,../shared/data/sotu.txt,"
                  "../shared/data/moby_dick.txt")
@@ -173,6 +173,48 @@ def mixed_cmd(
                          expand_fraction=expand_fraction, distill=distill, train_decoder=train_decoder,  # type: ignore[arg-type]
                          train_encoder=train_encoder, lora_rank=lora_rank, seed=seed)
     _run("mixed", init, None, data, stage, loop)
+
+
+@app.command("policy")
+@_data_group()
+@_loop_group("runs/policy", steps=200, micro_batch_size=8)
+def policy_cmd(
+    init: Init,
+    task: Annotated[str, typer.Option(help="reward: perplexity (minus the continuation's log-ppl, the paper's)")] =
+        "perplexity",
+    expand_fraction: Annotated[float, typer.Option(help="p: the policy keeps T' = round(p L) chunks raw")] = 0.25,
+    context_chunks: Annotated[int, typer.Option(help="L: context chunks per example (s = L k)")] = 32,
+    continuation_tokens: Cont = 128,
+    group: Annotated[int, typer.Option(help="G: selections sampled per example (GRPO group)")] = 4,
+    reuse: Annotated[int, typer.Option(help="optimizer steps per batch of rollouts (PPO epochs)")] = 2,
+    clip: Annotated[float, typer.Option(help="PPO ratio clip")] = 0.2,
+    hidden: Annotated[int, typer.Option(help="width of a new policy network")] = 256,
+    layers: Annotated[int, typer.Option(help="transformer layers of a new policy network (paper: 2)")] = 2,
+    seed: Seed = 0,
+    *, data, loop,
+) -> None:
+    """The selective-expansion policy (paper Appendix A.1): a small transformer over the chunk vectors, trained by
+    GRPO with the compressor frozen; it ships inside the output checkpoint (`--policy learned`)."""
+    setup_torch()
+    from refrag.errors import InputError
+    from refrag.train.common import load_for_stage
+    from refrag.train.data import TokenCorpus
+    from refrag.train.policy import RECIPE, PolicyOptions, train_policy
+
+    if task != "perplexity":
+        raise InputError(f"--task {task!r}: only `perplexity` exists yet (a QA reward needs training-allowed QA "
+                         "data, which `refrag data qa` will provide).")
+    options = PolicyOptions(fraction=expand_fraction, context_chunks=context_chunks,
+                            continuation_tokens=continuation_tokens, group=group, reuse=reuse, clip=clip,
+                            hidden=hidden, layers=layers, seed=seed)
+    model = load_for_stage(RECIPE, init)
+    corpus = TokenCorpus.build(data, model.tokenizer)
+    typer.echo(f"policy: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
+    result = train_policy(model, corpus, options, loop)
+    for n, s in sorted(result.eval.items(), reverse=True):
+        name = "learned (greedy)" if n > 0 else "random"
+        typer.echo(f"held-out continuation, {name} selection of {expand_fraction:.0%}: log-ppl {s.log_ppl:.3f}")
+    typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 
 
 @app.command("export")

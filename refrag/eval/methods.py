@@ -23,7 +23,7 @@ class Method:
     kind: MethodKind
     k: int = 0  # refrag / foreign_vectors: the compression rate
     positions: int = 0  # truncated: the last ``positions`` context tokens
-    strategy: Literal["last", "random"] | None = None  # refrag with raw chunks: how they are chosen
+    policy: str | None = None  # refrag with raw chunks: the policy that chose them (refrag.policy)
     expanded: int = 0  # refrag: chunks kept as raw tokens
     percent: int = 0  # refrag: the expand fraction in percent (its name)
     first: bool = False  # truncated: the first k's baseline, named plain ``truncated``
@@ -33,7 +33,7 @@ class Method:
         if self.kind == "truncated":
             return "truncated" if self.first else f"truncated{self.positions}"
         if self.kind == "refrag":
-            return f"refrag{self.k}" + (f"+{self.strategy}{self.percent}" if self.strategy else "")
+            return f"refrag{self.k}" + (f"+{self.policy}{self.percent}" if self.policy else "")
         return self.kind
 
     def rate(self, s: int) -> float | None:
@@ -43,7 +43,7 @@ class Method:
             return 1.0
         if self.kind == "truncated":
             return s / self.positions
-        return float(self.k) if self.kind == "refrag" and not self.strategy else None
+        return float(self.k) if self.kind == "refrag" and not self.policy else None
 
     @classmethod
     def from_name(cls, name: str, s: int, first_k: int) -> Method | None:
@@ -54,6 +54,6 @@ class Method:
             return cls("truncated", positions=s // first_k, first=True)
         if m := re.fullmatch(r"truncated(\d+)", name):
             return cls("truncated", positions=int(m[1]))
-        if m := re.fullmatch(r"refrag(\d+)(?:\+(last|random)(\d+))?", name):
-            return cls("refrag", k=int(m[1]), strategy=m[2], percent=int(m[3] or 0))  # type: ignore[arg-type]
+        if m := re.fullmatch(r"refrag(\d+)(?:\+([a-z][a-z-]*[a-z])(\d+))?", name):
+            return cls("refrag", k=int(m[1]), policy=m[2], percent=int(m[3] or 0))
         return None

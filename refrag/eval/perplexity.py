@@ -8,10 +8,12 @@ precedes the output tokens:
 - ``truncated``: the last K = s / k context tokens (K = the decoder positions REFRAG_k uses; for a second k
   the method is named ``truncated{K}``);
 - ``refrag{k}``: the s / k chunk embeddings of the context (``model.embed_chunks``), as in training;
-- ``refrag{k}+{strategy}{P}`` (with ``expand`` > 0): the same with P% of the chunks as raw tokens in place
-  (what mixed-input training teaches), chosen by ``strategy``: ``last`` (the chunks nearest the output) or
-  ``random`` (seeded per example, the paper's RAND baseline). Its equal-positions baseline ``truncated{K}``
-  (K = its decoder positions) is added too.
+- ``refrag{k}+{policy}{P}`` (for each fraction in ``expand`` and each of ``policies``): the same with P% of the
+  chunks as raw tokens in place (what mixed-input training teaches), chosen by the policy (``refrag.policy``):
+  ``last`` (the chunks nearest the output), ``first``, ``random`` (seeded per example, the paper's RAND),
+  ``perplexity-desc`` / ``perplexity-asc`` (the chunks' own token perplexity under the decoder, the paper's
+  Fig. 3). There is no question here, so the question-aware policies do not apply. Each fraction's
+  equal-positions baseline ``truncated{K}`` (K = its decoder positions) is added too.
 
 Log-ppl is the mean NLL (nats) of the SAME o output tokens for every method: the first output token is
 predicted from the last preceding position. If the tokenizer has neither BOS nor EOS, no_context cannot
@@ -25,19 +27,22 @@ import logging
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import get_args
 
 import torch
 from tqdm import tqdm
 
 from refrag.chunking import chunk_token_ids
-from refrag.config import check_fraction
+from refrag.config import PolicyName, check_choice, check_fraction
 from refrag.errors import InputError
 from refrag.eval.methods import ADAPTER_CONTROL, FOREIGN_CONTROL, Method
 from refrag.modeling import Layout, RefragModel, Segment, start_token, token_nll
-from refrag.policy import make_policy
+from refrag.policy import Budget, make_policy, select
 
 log = logging.getLogger(__name__)
+TEXT_POLICIES: tuple[PolicyName, ...] = tuple(
+    p for p in get_args(PolicyName) if p not in ("none", "similarity", "lexical")
+)  # the policies that need no question
 
 @dataclass(frozen=True)
 class PerplexityOptions:
@@ -49,15 +54,19 @@ class PerplexityOptions:
     limit: int = 200  # examples (at most one per document)
     seed: int = 0  # document order and window offsets
     batch_size: int = 4  # examples per decoder forward
-    expand: float = 0.0  # p > 0 adds refrag{k}+{strategy}{P}: a fraction p of chunks kept as raw tokens
-    expand_strategy: Literal["last", "random"] = "last"
+    expand: tuple[float, ...] = ()  # each p > 0 adds refrag{k}+{policy}{P}: a fraction p of chunks kept raw
+    policies: tuple[PolicyName, ...] = ("last",)  # how the raw chunks are chosen (one method per policy)
 
     def __post_init__(self) -> None:
         if self.s <= 0 or self.o < 2:
             raise InputError(f"need s > 0 and o >= 2 (got s={self.s}, o={self.o}).")
-        check_fraction(self.expand, "--expand", below_one=True)
-        if self.expand_strategy not in ("last", "random"):
-            raise InputError(f"--expand-strategy must be last or random (got {self.expand_strategy!r}).")
+        for p in self.expand:
+            check_fraction(p, "--expand", below_one=True)
+        for policy in self.policies:
+            check_choice(policy, PolicyName, "--policy")
+            if policy not in TEXT_POLICIES:
+                raise InputError(f"--policy {policy} needs a question; plain text can use "
+                                 f"{', '.join(TEXT_POLICIES)}.")
         if not self.ks:
             raise InputError("give at least one compression rate (--k 16).")
         for k in self.ks:
@@ -71,11 +80,12 @@ class PerplexityOptions:
         methods = [Method("no_context"), Method("full")]
         methods += [Method("truncated", positions=self.s // k, first=i == 0) for i, k in enumerate(self.ks)]
         methods += [Method("refrag", k=k) for k in self.ks]
-        for k in self.ks if self.expand else ():
-            L, n = self.s // k, self.expanded_chunks(k)
-            methods += [Method("refrag", k=k, strategy=self.expand_strategy, expanded=n,
-                               percent=round(100 * self.expand)),
-                        Method("truncated", positions=L - n + n * k)]
+        for k in self.ks:
+            for p in (p for p in self.expand if p):
+                L, n = self.s // k, self.expanded_chunks(k, p)
+                methods += [Method("refrag", k=k, policy=policy, expanded=n, percent=round(100 * p))
+                            for policy in self.policies]
+                methods.append(Method("truncated", positions=L - n + n * k))
         unique: dict[str, Method] = {}
         for m in methods:
             unique.setdefault(m.name, m)
@@ -84,9 +94,9 @@ class PerplexityOptions:
     def method_names(self) -> list[str]:
         return [m.name for m in self.methods()]
 
-    def expanded_chunks(self, k: int) -> int:
-        """How many of the s / k chunks stay raw tokens (at least one when expand > 0)."""
-        return max(1, round(self.expand * self.s / k)) if self.expand else 0
+    def expanded_chunks(self, k: int, fraction: float) -> int:
+        """How many of the s / k chunks stay raw tokens (at least one when the fraction is > 0)."""
+        return max(1, round(fraction * self.s / k)) if fraction else 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,7 @@ class PerplexityResult:
             "n": self.n,
             "ks": list(o.ks),
             "seed": o.seed,
-            **({"expand": o.expand, "expand_strategy": o.expand_strategy} if o.expand else {}),
+            **({"expand": list(o.expand), "policies": list(o.policies)} if o.expand else {}),
             "log_ppl": self.log_ppl,
             "recovered": self.recovered,
         }
@@ -200,17 +210,17 @@ def _prefixes(
     if method.kind == "truncated":
         return [[*head, list(ex.context[-method.positions :])] for ex in batch]
     chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
-    raw = [_expanded(cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
+    raw = [_expanded(model, cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
     return [[*head, *context] for context in model.contexts(chunks, raw)]
 
 
-def _expanded(chunks, method: Method, seed: int, doc: int) -> set[int]:
-    """The chunks of one example kept as raw tokens: the generation path's policy (``refrag.policy``), with the
-    random strategy seeded by (seed, document)."""
-    if not method.expanded:
+def _expanded(model: RefragModel, chunks, method: Method, seed: int, doc: int) -> set[int]:
+    """The chunks of one example kept as raw tokens: the generation path's policy (``refrag.policy``), the
+    random one seeded by (seed, document). Every chunk has k tokens, so a budget of n * k tokens is n chunks."""
+    if not method.expanded or method.policy is None:
         return set()
-    policy = make_policy(method.strategy, seed=seed * 1_000_003 + doc)  # type: ignore[arg-type]
-    return policy.select(chunks, None, None, method.expanded)
+    policy = make_policy(method.policy, seed=seed * 1_000_003 + doc, model=model)
+    return select(policy, chunks, Budget(tokens=method.expanded * method.k))
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:

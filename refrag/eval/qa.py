@@ -2,7 +2,10 @@
 
 Modes (``parse_modes``): ``full`` (plain RAG), ``refrag`` (compressed, same passages), ``refrag@N`` (compressed
 with N passages: the paper's "more passages at equal latency" comparison), ``llmlingua`` (the same passages
-cut by LLMLingua to as many decoder tokens as REFRAG uses positions, read as plain tokens). With gold passages
+cut by LLMLingua to as many decoder tokens as REFRAG uses positions, read as plain tokens). With expansion
+policies and budgets, ``refrag`` also runs once per (policy, budget) with those chunks kept raw
+(``refrag+lexical10%``, ``refrag+lexical96t``), and ``extractive`` reads ONLY the chunks the policy keeps, as
+plain text (the baseline that tells what the compressed chunks add). With gold passages
 a question gets its own passage plus distractors (other questions' passages, seeded) up to the mode's count,
 the gold one at a seeded position. Chunk encodings are precomputed outside the timed region (as an index
 stores them); LLMLingua's compression time IS counted in its TTFT. In counterfactual data the gold answer is
@@ -19,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+import torch
 from tqdm import tqdm
 
-from refrag.config import ChunkingOptions, CompressionOptions, Mode, SamplingOptions
+from refrag.chunking import Passage
+from refrag.config import ChunkingOptions, CompressionOptions, Mode, PolicyName, SamplingOptions, check_choice
 from refrag.errors import InputError
-from refrag.eval.metrics import contains_answer, exact_match, token_f1
+from refrag.eval.metrics import Difference, contains_answer, exact_match, paired_bootstrap, token_f1
 from refrag.generate import Request, generate
 from refrag.modeling import RefragModel
+from refrag.policy import choose_expanded
 
 
 @dataclass(frozen=True)
@@ -47,14 +53,23 @@ class QAExample:
     memory_answers: tuple[str, ...] = ()  # counterfactual data: the original (swapped-out) answer
 
 
-QAKind = Literal[Mode, "llmlingua"]  # a generation mode, or LLMLingua-compressed text read in full mode
+QAKind = Literal[Mode, "llmlingua", "extractive"]  # a generation mode, or text cut down and read in full mode
 
 
 @dataclass(frozen=True)
 class QAMode:
-    name: str  # as given on the command line
+    name: str  # as printed: the command line's name, plus +POLICY and the budget (10% or 96t) when expanding
     kind: QAKind
     passages: int | None  # None: the run's default number of passages
+    policy: PolicyName | None = None  # refrag / extractive: which chunks are kept raw
+    fraction: float = 0.0  # ... a fraction of the chunks
+    tokens: int | None = None  # ... or a number of decoder positions
+
+    def selection(self, seed: int) -> CompressionOptions:
+        """The compression this mode's policy and budget stand for (what refrag mode runs; extractive keeps the
+        same chunks as text)."""
+        return CompressionOptions(mode="refrag", policy=self.policy or "none", expand_fraction=self.fraction,
+                                  expand_tokens=self.tokens, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class QARecord:
     ttft_s: float
     decoder_positions: int
     context_tokens: int
+    expanded_chunks: tuple[int, ...] = ()  # refrag / extractive: the chunks the policy kept raw
 
 
 @dataclass(frozen=True)
@@ -95,16 +111,34 @@ class QASummary:
     passages: int
 
 
-def parse_modes(spec: str) -> tuple[QAMode, ...]:
-    """``full,refrag,refrag@8,llmlingua`` -> modes."""
+def parse_modes(
+    spec: str,
+    policies: Sequence[str] = (),
+    fractions: Sequence[float] = (),
+    tokens: Sequence[int] = (),
+) -> tuple[QAMode, ...]:
+    """``full,refrag,refrag@8,llmlingua,extractive`` x policies x budgets -> modes.
+
+    ``refrag`` gives its plain row plus one row per policy and budget (each fraction, each token count);
+    ``extractive`` gives only the policy rows (it needs a budget)."""
+    budgets = [(f"{round(100 * f)}%", f, None) for f in fractions] + [(f"{t}t", 0.0, t) for t in tokens]
+    for policy in policies:
+        check_choice(policy, PolicyName, "--policy")
     modes = []
     for name in (m.strip() for m in spec.split(",") if m.strip()):
         kind, _, count = name.partition("@")
         if kind not in get_args(QAKind) or (count and not count.isdigit()) or count == "0":
-            raise InputError(
-                f"unknown QA mode {name!r}: use full, refrag, llmlingua, optionally @N passages (refrag@8)."
-            )
-        modes.append(QAMode(name, kind, int(count) if count else None))  # type: ignore[arg-type]
+            raise InputError(f"unknown QA mode {name!r}: use full, refrag, llmlingua, extractive, optionally @N "
+                             "passages (refrag@8).")
+        passages = int(count) if count else None
+        if kind == "extractive" and not (policies and budgets):
+            raise InputError("the extractive mode reads the chunks a policy keeps: give --policy and "
+                             "--expand-fraction or --expand-tokens.")
+        if kind != "extractive":
+            modes.append(QAMode(name, kind, passages))  # type: ignore[arg-type]
+        if kind in ("refrag", "extractive"):
+            modes += [QAMode(f"{name}+{policy}{label}", kind, passages, policy, f, t)  # type: ignore[arg-type]
+                      for policy in policies for label, f, t in budgets]
     if not modes:
         raise InputError("give at least one mode (--modes full,refrag).")
     return tuple(modes)
@@ -207,25 +241,31 @@ class _Answerer:
     def record(self, i: int, mode: QAMode) -> QARecord:
         ex, count = self.examples[i], mode.passages or self.options.passages
         sampling = SamplingOptions(max_new_tokens=self.options.max_new_tokens, stop=("\n",))
-        compression = CompressionOptions(mode="full" if mode.kind == "llmlingua" else mode.kind)
-        if self.pipeline is not None and mode.kind != "llmlingua":
+        text_only = mode.kind in ("llmlingua", "extractive")
+        compression = mode.selection(self.options.seed) if mode.kind == "refrag" else CompressionOptions(mode="full")
+        expanded: tuple[int, ...] = ()
+        if self.pipeline is not None and not text_only:
             result = self.pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling)  # type: ignore[attr-defined]
             answer, ttft = result.answer, result.ttft_s
         else:
-            request, extra_s = self._request(i, mode, count)
+            request, extra_s, expanded = self._request(i, mode, count)
             answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
             ttft = answer.timings.ttft_s + extra_s
+        if mode.kind == "refrag":
+            expanded = answer.expanded_chunks
         pred = answer.text.strip()
         return QARecord(
             mode=mode.name, question=ex.question, prediction=pred, answers=ex.answers,
             em=exact_match(pred, ex.answers), f1=token_f1(pred, ex.answers), contains=contains_answer(pred, ex.answers),
             memory=contains_answer(pred, ex.memory_answers) if ex.memory_answers else None,
             ttft_s=ttft, decoder_positions=answer.decoder_positions, context_tokens=answer.context_tokens,
+            expanded_chunks=expanded,
         )
 
-    def _request(self, i: int, mode: QAMode, count: int) -> tuple[Request, float]:
+    def _request(self, i: int, mode: QAMode, count: int) -> tuple[Request, float, tuple[int, ...]]:
         """Gold passages + distractors (or the index's passages as text); chunk encodings precomputed outside the
-        timed region for refrag; LLMLingua's compression time returned to be counted in its TTFT."""
+        timed region for refrag and extractive; LLMLingua's compression time and the extractive policy's time
+        returned to be counted in TTFT, with the chunks extractive kept."""
         ex, model, chunking = self.examples[i], self.model, ChunkingOptions(k=self.model.k)
         if self.pipeline is None:
             texts = gold_passages(self.examples, i, count, self.options.seed)
@@ -234,12 +274,36 @@ class _Answerer:
             texts = [index.passage(h.id, model.tokenizer).text for h in index.search(ex.question, count)]
         request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
         if mode.kind == "refrag":
-            return request.with_encodings(model), 0.0
+            return request.with_encodings(model), 0.0, ()
+        if mode.kind == "extractive":
+            encoded = request.with_encodings(model).encoded or ()
+            chosen = choose_expanded(request.chunks, mode.selection(self.options.seed), encodings=torch.cat(encoded),
+                                     question=ex.question, model=model)
+            return extract(request, chosen.expanded), chosen.seconds, tuple(sorted(chosen.expanded))
         if mode.kind == "llmlingua":
             budget = len(request.chunks)  # REFRAG's context positions
             squeezed = self.compressor.compress(texts, ex.question, budget)  # type: ignore[attr-defined]
-            return Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking), squeezed.seconds
-        return request, 0.0
+            return Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking), squeezed.seconds, ()
+        return request, 0.0, ()
+
+
+def extract(request: Request, keep: set[int]) -> Request:
+    """The request with only the chunks in ``keep`` (indices into ``request.chunks``), as plain passages: each
+    run of consecutive kept chunks of a passage becomes one passage."""
+    passages, index = [], 0
+    for passage in request.passages:
+        run: list = []
+        for chunk in (*passage.chunks, None):  # None closes the last run
+            if chunk is not None and index in keep:
+                run.append(chunk)
+            elif run:
+                ids = tuple(t for c in run for t in c.token_ids)
+                passages.append(Passage("".join(c.text for c in run), ids, tuple(run)))
+                run = []
+            index += chunk is not None
+    if not passages:
+        raise InputError("the expansion budget keeps no chunk: raise --expand-fraction / --expand-tokens.")
+    return Request(request.question, tuple(passages))
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -259,3 +323,26 @@ def _summarise(mode: QAMode, rows: Sequence[QARecord], options: QAOptions) -> QA
         decoder_positions=_mean([r.decoder_positions for r in rows]),
         passages=mode.passages or options.passages,
     )
+
+
+@dataclass(frozen=True)
+class QAComparison:
+    """answer-contained of ``mode`` minus ``baseline`` over the same questions, with a paired-bootstrap 95%
+    interval."""
+
+    mode: str
+    baseline: str
+    contains: Difference
+
+
+def compare_modes(modes: Sequence[QAMode], records: Sequence[QARecord], seed: int = 0) -> list[QAComparison]:
+    """Every mode against the first one, and every ``refrag+P`` row against its ``extractive+P`` twin (same
+    passages, policy and budget: what the compressed chunks add over dropping them)."""
+    by_mode = {m.name: [r.contains for r in records if r.mode == m.name] for m in modes}
+    pairs = [(m.name, modes[0].name) for m in modes[1:]]
+    twins = {(m.passages, m.policy, m.fraction, m.tokens): m.name for m in modes if m.kind == "extractive"}
+    pairs += [(m.name, twins[key]) for m in modes
+              if m.kind == "refrag" and (key := (m.passages, m.policy, m.fraction, m.tokens)) in twins
+              and twins[key] != modes[0].name]
+    return [QAComparison(a, b, paired_bootstrap(by_mode[a], by_mode[b], seed=seed)) for a, b in pairs
+            if by_mode[a] and len(by_mode[a]) == len(by_mode[b])]

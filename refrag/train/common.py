@@ -18,7 +18,7 @@ from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult, train
 from refrag.train.objectives import StageTask
 
-Stage = Literal["reconstruct", "cpt", "mixed"]
+Stage = Literal["reconstruct", "cpt", "mixed", "policy"]
 TrainDecoder = Literal["frozen", "full", "lora"]
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
 from refrag.train.loggers import MetricLogger, make_loggers
-from refrag.train.objectives import Example, Score, StageTask, score_examples, training_loss
+from refrag.train.objectives import Example, Score, Task
 from refrag.train.state import FINAL, TrainerState, load_state, save_model, save_state
 
 
@@ -94,10 +94,10 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def evaluate(model: RefragModel, task: StageTask, batch_size: int, bf16: bool) -> dict[int, Score]:
+def evaluate(model: RefragModel, task: Task, batch_size: int, bf16: bool) -> dict[int, Score]:
     model.eval()
     with _autocast(bf16):
-        scores = {n: score_examples(model, exs, batch_size) for n, exs in task.eval_examples().items()}
+        scores = task.evaluate(model, batch_size)
     model.train()
     return scores
 
@@ -107,16 +107,16 @@ def _autocast(bf16: bool):
         if bf16 else contextlib.nullcontext()
 
 
-def _accumulate(model: RefragModel, task: StageTask, examples: list[Example], options: TrainOptions) -> tuple[float, int]:
+def _accumulate(model: RefragModel, task: Task, examples: list[Example], options: TrainOptions) -> tuple[float, int]:
     """Forward/backward over one step's examples in micro-batches (gradients summed to the step's mean loss);
     returns the summed example losses and the decoder positions that carried a target or a chunk vector."""
     loss_sum, tokens = 0.0, 0
     for micro in micro_batches(examples, options.micro_batch_size):
         with _autocast(options.bf16):
-            loss = training_loss(model, micro, task.distill)
+            loss = task.loss(model, micro)
         (loss * len(micro) / len(examples)).backward()
         loss_sum += float(loss.detach()) * len(micro)
-        tokens += sum(len(ex.target) + len(ex.context) // task.k for ex in micro)
+        tokens += task.positions(micro)
     return loss_sum, tokens
 
 
@@ -137,7 +137,7 @@ def _time_is_up(started: float, minutes: float, world: int) -> bool:
     return bool(up)
 
 
-def train(model: RefragModel, task: StageTask, options: TrainOptions) -> TrainResult:
+def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
     """Run (or resume) one stage. Parameters with requires_grad are trained; the rest stay frozen."""
     if options.lr is None:
         raise InputError("TrainOptions.lr is unset: run a stage recipe (it sets the paper's rate) or give --lr.")

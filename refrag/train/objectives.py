@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -102,6 +103,23 @@ def _anchor(model: RefragModel) -> list[int]:
     return [] if (t := start_token(model.tokenizer)) is None else [t]
 
 
+class Task(Protocol):
+    """What the shared loop trains: a stage's examples as a pure function of (seed, step), its loss, and its
+    held-out scores. ``StageTask`` (the compressor's stages) and ``train.policy.PolicyTask`` implement it."""
+
+    stage: str
+
+    def examples(self, step: int, count: int) -> list[Example]: ...
+
+    def loss(self, model: RefragModel, examples: Sequence[Example]) -> torch.Tensor: ...
+
+    def positions(self, examples: Sequence[Example]) -> int:
+        """Decoder positions that carried a target or a chunk vector (the throughput the loop logs)."""
+        ...
+
+    def evaluate(self, model: RefragModel, batch_size: int) -> dict[int, Score]: ...
+
+
 @dataclass
 class StageTask:
     """The examples of one stage, as a pure function of (seed, step): resuming needs only the step.
@@ -149,6 +167,15 @@ class StageTask:
                 for ex in (self._example(self.val_tokens, n, rng) for _ in range(self.eval_per_type))
             ]
         return out
+
+    def loss(self, model: RefragModel, examples: Sequence[Example]) -> torch.Tensor:
+        return training_loss(model, examples, self.distill)
+
+    def positions(self, examples: Sequence[Example]) -> int:
+        return sum(len(ex.target) + len(ex.context) // self.k for ex in examples)
+
+    def evaluate(self, model: RefragModel, batch_size: int) -> dict[int, Score]:
+        return {n: score_examples(model, exs, batch_size) for n, exs in self.eval_examples().items()}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,14 @@ def save_model(model: RefragModel, path: Path, stage: str, step: int) -> Path:
     params = dict(model.named_parameters())
     train_enc = any(params[n].requires_grad for n in params if n.startswith("encoder."))
     train_dec = any(params[n].requires_grad for n in params if n.startswith("decoder.") and "lora_" not in n)
-    return checkpoint.save(model, path, save_encoder=train_enc, save_decoder=train_dec)
+    return checkpoint.save(model, path, save_encoder=train_enc or _inside_checkpoint(model.config.encoder),
+                           save_decoder=train_dec or (_inside_checkpoint(model.config.decoder) and not model.has_adapter))
+
+
+def _inside_checkpoint(spec: str) -> bool:
+    """A component loaded from inside another checkpoint (e.g. the previous stage's trained encoder): it is
+    copied into the new checkpoint, never referenced by that checkpoint's path."""
+    return (Path(spec).parent / checkpoint.MANIFEST).is_file()
 
 
 def save_state(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimizer, state: TrainerState) -> None:

@@ -50,6 +50,8 @@ def test_bad_inputs_exit_with_a_clear_message(checkpoint, context, tmp_path):
         (["-c", str(context), "-q", "  "], "question is empty"),
         (["-c", str(context), "-q", "q?", "--mode", "zip"], "mode must be"),
         (["-c", str(context), "-q", "q?", "--expand-fraction", "2"], "expand_fraction"),
+        (["-c", str(context), "-q", "q?", "--policy", "best"], "policy must be one of"),
+        (["-c", str(context), "-q", "q?", "--expand-fraction", "0.2", "--expand-tokens", "8"], "not both"),
         (["-c", str(context), "-q", "q?", "--k", "16"], "--k 16 (the checkpoint has 4)"),
     ]
     for args, message in cases:

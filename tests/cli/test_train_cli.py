@@ -28,3 +28,16 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
                                  "--out", str(tmp_path / "bad"), *data, *TINY, "--continuation-tokens", "8"])
     assert isinstance(result.exception, CheckpointError) and "run `refrag train cpt` first" in str(result.exception)
     assert not (tmp_path / "bad" / "final").exists()
+    # the policy stage trains on the last stage's checkpoint; the policy ships in its output and answers `learned`
+    result = runner.invoke(app, ["train", "policy", "--init", str(tmp_path / "mixed" / "final"), "--out",
+                                 str(tmp_path / "policy"), *data, "--steps", "2", "--batch-size", "2", "--no-bf16",
+                                 "--context-chunks", "4", "--continuation-tokens", "4", "--group", "2",
+                                 "--hidden", "16", "--layers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "learned (greedy) selection of 25%" in result.output and "random selection" in result.output
+    trained = checkpoint.load(tmp_path / "policy" / "final", dtype="float32")
+    assert trained.policy_network is not None and trained.has_adapter == checkpoint.load(
+        tmp_path / "mixed" / "final", dtype="float32").has_adapter
+    result = runner.invoke(app, ["train", "policy", "--init", str(base), "--out", str(tmp_path / "p2"), *data,
+                                 "--steps", "2"])
+    assert isinstance(result.exception, CheckpointError)

@@ -30,3 +30,17 @@ def test_contains_matches_whole_words_only():
     assert contains_answer("It was Claude Rains, I think.", ["claude rains"]) == 1.0
     assert contains_answer("Romeo", ["Rome"]) == 0.0
     assert contains_answer("anything", ["the"]) == 0.0  # an answer that normalises to nothing never matches
+
+
+def test_paired_bootstrap_interval_contains_the_mean_and_detects_a_real_difference():
+    from refrag.eval.metrics import paired_bootstrap
+
+    same = paired_bootstrap([1.0, 0.0] * 50, [1.0, 0.0] * 50)
+    assert (same.mean, same.low, same.high, same.significant) == (0.0, 0.0, 0.0, False)
+    better = paired_bootstrap([1.0] * 60 + [0.0] * 40, [1.0] * 30 + [0.0] * 70)
+    assert better.mean == pytest.approx(0.3) and better.low <= better.mean <= better.high and better.significant
+    noisy = paired_bootstrap([1.0, 0.0] * 5, [0.0, 1.0] * 5)
+    assert noisy.low < 0 < noisy.high and not noisy.significant
+    assert paired_bootstrap([1.0] * 60 + [0.0] * 40, [1.0] * 30 + [0.0] * 70, seed=0) == better  # seeded
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.0])

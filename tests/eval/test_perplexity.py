@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from refrag.chunking import Chunk
 from refrag.errors import InputError
 from refrag.eval.methods import Method
 from refrag.eval.perplexity import (
@@ -109,7 +110,7 @@ def test_adapter_scores_refrag_and_a_control_but_not_the_baselines(setup):
 
 def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_positions_baseline(setup):
     model, _, examples = setup
-    opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, seed=1, batch_size=2, expand=0.25)
+    opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, seed=1, batch_size=2, expand=(0.25,))
     assert opts.method_names() == ["no_context", "full", "truncated", "refrag4", "refrag4+last25", "truncated7"]
     start = start_token(model.tokenizer)
     expanded, plain_method = opts.methods()[4], opts.methods()[3]
@@ -121,17 +122,32 @@ def test_expansion_keeps_the_chosen_chunks_as_raw_tokens_and_adds_an_equal_posit
     torch.testing.assert_close(torch.cat(plain[1:4]), torch.cat(prefix[1:4]))  # same vectors for the others
     result = evaluate_perplexity(model, examples, opts, progress=False)
     assert set(result.per_example) == {*opts.method_names(), "foreign_vectors"}
-    assert result.summary()["expand"] == 0.25
+    assert result.summary()["expand"] == [0.25]
+
+
+def test_every_text_policy_at_every_fraction_with_one_truncated_baseline_per_fraction(setup):
+    model, _, examples = setup
+    opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, batch_size=2, expand=(0.25, 0.5),
+                             policies=("last", "perplexity-desc"))
+    assert opts.method_names()[4:] == ["refrag4+last25", "refrag4+perplexity-desc25", "truncated7",
+                                       "refrag4+last50", "refrag4+perplexity-desc50", "truncated10"]
+    assert Method.from_name("refrag4+perplexity-desc25", 16, 4) == Method("refrag", k=4, policy="perplexity-desc",
+                                                                          percent=25)
+    result = evaluate_perplexity(model, examples, opts, progress=False)
+    assert all(len(v) == 3 for v in result.per_example.values())
+    with pytest.raises(InputError, match="question"):
+        PerplexityOptions(expand=(0.1,), policies=("lexical",))
 
 
 def test_random_expansion_is_seeded_per_example():
-    chunks = [()] * 32  # only their number matters to these policies
-    rnd, last = Method("refrag", k=4, strategy="random", expanded=4), Method("refrag", k=4, strategy="last", expanded=4)
-    picks = {d: _expanded(chunks, rnd, 0, d) for d in range(5)}
+    model = tiny_refrag("llama", k=4)
+    chunks = [Chunk((1,) * 4, "")] * 32  # only their number matters to these policies
+    rnd, last = Method("refrag", k=4, policy="random", expanded=4), Method("refrag", k=4, policy="last", expanded=4)
+    picks = {d: _expanded(model, chunks, rnd, 0, d) for d in range(5)}
     assert all(len(p) == 4 and p <= set(range(32)) for p in picks.values()) and len(set(map(frozenset, picks.values()))) > 1
-    assert _expanded(chunks, rnd, 0, 3) == picks[3] and _expanded(chunks, last, 0, 0) == {28, 29, 30, 31}
+    assert _expanded(model, chunks, rnd, 0, 3) == picks[3] and _expanded(model, chunks, last, 0, 0) == {28, 29, 30, 31}
     with pytest.raises(InputError, match="expand"):
-        PerplexityOptions(expand=1.0)
+        PerplexityOptions(expand=(1.0,))
 
 
 def test_foreign_vectors_control_reads_the_next_examples_context(setup):

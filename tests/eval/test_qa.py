@@ -7,7 +7,17 @@ import json
 import pytest
 
 from refrag.errors import InputError
-from refrag.eval.qa import QAFields, QAOptions, evaluate_qa, gold_passages, load_qa, parse_modes
+from refrag.eval.qa import (
+    QAFields,
+    QAOptions,
+    compare_modes,
+    evaluate_qa,
+    extract,
+    gold_passages,
+    load_qa,
+    parse_modes,
+)
+from refrag.generate import Request
 from tests.conftest import tiny_refrag
 
 ROWS = [
@@ -75,3 +85,70 @@ def test_evaluate_qa_runs_every_mode(qa_file):
     assert all(s.memory is not None and s.ttft_p50_s > 0 for s in summaries)
     with pytest.raises(InputError, match="llmlingua"):
         evaluate_qa(model, examples, QAOptions(parse_modes("llmlingua")), progress=False)
+
+
+def test_policies_and_budgets_multiply_the_refrag_and_extractive_rows():
+    modes = parse_modes("full,refrag,extractive", ["lexical", "random"], [0.1], [96])
+    assert [m.name for m in modes] == [
+        "full", "refrag", "refrag+lexical10%", "refrag+lexical96t", "refrag+random10%", "refrag+random96t",
+        "extractive+lexical10%", "extractive+lexical96t", "extractive+random10%", "extractive+random96t",
+    ]
+    twin = modes[3]
+    assert (twin.policy, twin.fraction, twin.tokens) == ("lexical", 0.0, 96)
+    assert twin.selection(0).expand_tokens == 96 and twin.selection(0).mode == "refrag"
+    with pytest.raises(InputError, match="extractive"):
+        parse_modes("extractive")
+    with pytest.raises(InputError, match="policy"):
+        parse_modes("refrag", ["best"], [0.1])
+
+
+def test_extract_keeps_only_the_chosen_chunks_as_plain_passages():
+    model = tiny_refrag("llama", k=4)
+    request = Request.from_texts("q?", ["City 1 is in place 1. " * 2, "City 2 is in place 2. " * 2], model.tokenizer)
+    chunks = request.chunks
+    n0 = len(request.passages[0].chunks)
+    keep = {0, 1, n0}  # a run of two in the first passage, the first chunk of the second
+    cut = extract(request, keep)
+    assert [len(p.chunks) for p in cut.passages] == [2, 1]
+    assert cut.chunks == [chunks[0], chunks[1], chunks[n0]]
+    assert cut.passages[0].token_ids == chunks[0].token_ids + chunks[1].token_ids
+    with pytest.raises(InputError, match="keeps no chunk"):
+        extract(request, set())
+
+
+def test_extractive_and_policy_rows_run_and_compare_pairwise(qa_file):
+    model = tiny_refrag("llama", k=4)
+    examples = load_qa(qa_file, QAFields(question="q", answer="a", context="ctx"))[:3]
+    options = QAOptions(parse_modes("full,refrag,extractive", ["lexical"], [0.5]), passages=2, max_new_tokens=2)
+    summaries, records = evaluate_qa(model, examples, options, progress=False)
+    by_mode = {s.mode: s for s in summaries}
+    assert list(by_mode) == ["full", "refrag", "refrag+lexical50%", "extractive+lexical50%"]
+    assert by_mode["extractive+lexical50%"].decoder_positions < by_mode["full"].decoder_positions
+    assert by_mode["refrag"].decoder_positions < by_mode["refrag+lexical50%"].decoder_positions
+    lexical = [r for r in records if r.mode == "refrag+lexical50%"]
+    extractive = [r for r in records if r.mode == "extractive+lexical50%"]
+    assert [r.expanded_chunks for r in lexical] == [r.expanded_chunks for r in extractive]  # the same chunks
+    assert all(r.expanded_chunks for r in lexical)
+    pairs = [(c.mode, c.baseline) for c in compare_modes(options.modes, records)]
+    assert pairs == [("refrag", "full"), ("refrag+lexical50%", "full"), ("extractive+lexical50%", "full"),
+                     ("refrag+lexical50%", "extractive+lexical50%")]
+
+
+def test_eval_qa_cli_takes_policies_and_budgets(qa_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from refrag.checkpoint import save
+    from refrag.cli import app
+
+    ckpt = save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_decoder=True)
+    args = ["eval", "qa", "--data", str(qa_file), "--question-field", "q", "--answer-field", "a", "--context-field",
+            "ctx", "--model", str(ckpt), "--dtype", "float32", "--limit", "2", "--max-new-tokens", "2",
+            "--modes", "refrag,extractive", "--policy", "lexical,first", "--expand-fraction", "0.5", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [m["mode"] for m in data["modes"]] == ["refrag", "refrag+lexical50%", "refrag+first50%",
+                                                  "extractive+lexical50%", "extractive+first50%"]
+    assert len(data["comparisons"]) == 6 and {"mean", "low", "high"} <= set(data["comparisons"][0]["contains"])
+    bad = CliRunner().invoke(app, [*args[:-7], "--modes", "refrag", "--expand-fraction", "0.5,x"])
+    assert bad.exit_code != 0 and "--expand-fraction: 'x'" in str(bad.exception)

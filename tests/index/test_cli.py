@@ -55,6 +55,11 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
     text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "both",
                "--max-new-tokens", 2)
     assert "[full]" in text and "[refrag]" in text and "TTFT full / refrag" in text and "[1]" in text
+    assert "raw chunks: none" not in text and "raw chunks (none): none (every chunk compressed)" in text
+    raw = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--policy", "lexical",
+                         "--expand-tokens", 8, "--max-new-tokens", 2, "--top-k", 3, "--json"))["answers"][0]
+    assert raw["policy"] == "lexical" and raw["expanded_chunks"] and raw["timings"]["policy_s"] > 0
+    assert raw["decoder_positions"] > out["answers"][0]["decoder_positions"]
 
 
 def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):

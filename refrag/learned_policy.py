@@ -1,0 +1,139 @@
+"""The paper's learned expansion policy (Appendix A.1): a small transformer over the chunk vectors, one logit per
+chunk, T' = round(p * L) chunks picked by pointer-masked sequential sampling (greedy at inference), trained by
+GRPO (``refrag.train.policy``).
+
+The network reads the chunk ENCODER outputs (what an index stores, so it costs one tiny forward per question),
+with the chunk's position counted from the start and from the end of the context. Like the paper's, it does not
+see the question (a query-conditioned variant needs question-answer training data: the SFT data issue). It ships inside the checkpoint folder (``policy/``: safetensors weights + a JSON config); a checkpoint with one
+answers ``--policy learned``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from refrag.errors import CheckpointError, InputError
+from refrag.io import write_json_atomic
+
+WEIGHTS, CONFIG = "policy.safetensors", "policy.json"
+
+
+@dataclass(frozen=True)
+class PolicyNetConfig:
+    input_dim: int  # the chunk encoder's output size
+    hidden: int = 256
+    layers: int = 2  # the paper: a 2-layer transformer
+    heads: int = 4
+    max_positions: int = 512  # chunk positions with their own embedding (further ones share the last)
+
+    def __post_init__(self) -> None:
+        if min(self.input_dim, self.hidden, self.layers, self.heads, self.max_positions) < 1 or self.hidden % self.heads:
+            raise InputError(f"bad policy network shape {self}: sizes must be >= 1 and hidden a multiple of heads.")
+
+
+class PolicyNetwork(nn.Module):
+    """[B, L, E] chunk encodings -> [B, L] expansion logits."""
+
+    def __init__(self, config: PolicyNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden
+        self.inp = nn.Linear(config.input_dim, h)
+        self.from_start = nn.Embedding(config.max_positions, h)
+        self.from_end = nn.Embedding(config.max_positions, h)
+        layer = nn.TransformerEncoderLayer(h, config.heads, 4 * h, dropout=0.0, batch_first=True, norm_first=True)
+        self.body = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(h, 1)
+        for table in (self.from_start, self.from_end):  # small: position must not drown the chunk's content
+            nn.init.normal_(table.weight, std=0.02)
+        nn.init.zeros_(self.head.weight)  # untrained: every chunk equally likely (the RAND baseline)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, encodings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """encodings [B, L, E], mask [B, L] (True: a real chunk) -> logits [B, L] (-inf off the mask)."""
+        B, L, _ = encodings.shape
+        cap = self.config.max_positions - 1
+        start = torch.arange(L, device=encodings.device).clamp(max=cap).expand(B, L)  # [B, L]
+        end = (mask.sum(1, keepdim=True) - 1 - torch.arange(L, device=encodings.device)).clamp(0, cap)  # [B, L]
+        x = self.inp(encodings.float()) + self.from_start(start) + self.from_end(end)  # [B, L, H]
+        h = self.body(x, src_key_padding_mask=~mask)  # [B, L, H]
+        return self.head(h).squeeze(-1).masked_fill(~mask, float("-inf"))  # [B, L]
+
+
+def sample_orders(logits: torch.Tensor, count: int, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``samples`` draws of ``count`` distinct chunks, in pick order, from pointer-masked sequential sampling
+    (softmax over the chunks not yet picked, step by step): exactly the Gumbel top-k of the logits.
+    logits [L] -> [samples, count]."""
+    L = int(torch.isfinite(logits).sum())
+    if not 0 <= count <= L:
+        raise InputError(f"cannot pick {count} of {L} chunks.")
+    u = torch.rand(samples, logits.shape[-1], generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    gumbel = -torch.log(-torch.log(u)).to(logits.dtype)
+    return (logits.detach()[None] + gumbel).topk(count, dim=-1).indices
+
+
+def order_log_prob(logits: torch.Tensor, orders: torch.Tensor) -> torch.Tensor:
+    """log P(order) under pointer-masked sequential sampling: sum over picks of log softmax over the chunks
+    still available. logits [B, L], orders [B, G, T] -> [B, G]."""
+    B, G, T = orders.shape
+    scores = logits[:, None].expand(B, G, -1).float()  # [B, G, L]
+    taken = torch.zeros_like(scores, dtype=torch.bool)
+    total = scores.new_zeros(B, G)
+    for t in range(T):
+        pick = orders[..., t : t + 1]  # [B, G, 1]
+        available = scores.masked_fill(taken, float("-inf"))
+        total = total + scores.gather(-1, pick).squeeze(-1) - available.logsumexp(-1)
+        taken = taken.scatter(-1, pick, True)
+    return total
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """GRPO: each reward standardised within its group (the G selections of one example). [B, G] -> [B, G]."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + 1e-6)
+
+
+def clipped_objective(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip: float = 0.2) -> torch.Tensor:
+    """PPO's clipped surrogate as a loss to minimise: -mean(min(r A, clip(r, 1 - e, 1 + e) A)), r = new / old."""
+    ratio = (new_log_prob - old_log_prob.detach()).exp()
+    return -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+
+
+@dataclass
+class LearnedPolicy:
+    """The trained network at the ``ExpansionPolicy`` seam: scores = its logits (greedy = top-T' of them)."""
+
+    network: PolicyNetwork
+
+    def scores(self, chunks, encodings, question) -> list[float]:
+        if encodings is None:
+            raise InputError("the learned policy needs the chunks' encodings.")
+        mask = torch.ones(1, len(chunks), dtype=torch.bool, device=encodings.device)
+        with torch.inference_mode():
+            return self.network(encodings[None].float(), mask)[0].tolist()
+
+
+def save_policy(network: PolicyNetwork, folder: Path) -> None:
+    """``folder``/policy.safetensors + policy.json (inside a checkpoint being written atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in network.state_dict().items()},
+              str(folder / WEIGHTS))
+    write_json_atomic(folder / CONFIG, asdict(network.config))
+
+
+def load_policy(folder: Path) -> PolicyNetwork:
+    """The network saved by :func:`save_policy`; a damaged or mismatched file is a CheckpointError."""
+    try:
+        network = PolicyNetwork(PolicyNetConfig(**json.loads((folder / CONFIG).read_text(encoding="utf-8"))))
+        network.load_state_dict(load_file(str(folder / WEIGHTS)))
+    except Exception as e:  # missing files, bad JSON, wrong shapes; safetensors raises its own error types
+        raise CheckpointError(f"{folder}: the learned policy is missing or damaged ({e}); retrain it with "
+                              "`refrag train policy` or remove the folder.") from e
+    return network.requires_grad_(False).eval()

@@ -115,7 +115,7 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
     if save_decoder and model.has_adapter:
         raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
                          "(the manifest references the base decoder by its name or folder).")
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replaces=(MANIFEST, "refrag checkpoint")) as tmp:
         config = model.config
         components = {"encoder": config.encoder, "decoder": config.decoder}
         if save_encoder or config.encoder in BUILT_FROM_DECODER:  # a built encoder is only its (small) trained part

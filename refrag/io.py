@@ -31,12 +31,29 @@ def _clean_stale(target: Path) -> None:
                 stale.unlink()
 
 
+def check_replaceable(target: str | os.PathLike[str], marker: str, what: str) -> None:
+    """``target`` may be (re)written only if it is absent, an empty folder, or already a ``what`` (it holds
+    ``marker``): refrag never replaces a user's own folder."""
+    from refrag.errors import InputError
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{target} is a file, not a folder: choose another output path.")
+    if target.is_dir() and not (target / marker).is_file() and (content := sorted(p.name for p in target.iterdir())):
+        shown = ", ".join(content[:5]) + (f", ... ({len(content)} entries)" if len(content) > 5 else "")
+        raise InputError(f"{target} is not a {what} and is not empty (it holds {shown}): refrag will not replace "
+                         "it. Choose another output folder, or move those files away first.")
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike[str], *, replaces: tuple[str, str] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``target`` in (almost) one rename.
 
-    On an exception the temporary folder is removed and ``target`` is untouched.
+    On an exception the temporary folder is removed and ``target`` is untouched. ``replaces`` = (marker file,
+    what it is): an existing non-empty ``target`` without that marker is refused (``check_replaceable``).
     """
+    if replaces is not None:
+        check_replaceable(target, *replaces)
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(target)

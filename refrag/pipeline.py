@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from refrag.config import CompressionOptions, SamplingOptions
-from refrag.generate import Answer, Request, generate
+from refrag.generation import Answer, Request, generate
 from refrag.index import Index, SearchHit
 from refrag.modeling import RefragModel
 

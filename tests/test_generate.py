@@ -5,7 +5,7 @@ from conftest import add_random_lora, tiny_refrag
 from refrag.chunking import make_passage
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
-from refrag.generate import Request, generate, sample_next
+from refrag.generation import Request, generate, sample_next
 from refrag.prompting import PromptTemplate, rag_layout
 
 CONTEXT = ["Paris is the capital of France. The quick brown fox jumps over the lazy dog."] * 3

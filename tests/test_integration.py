@@ -5,7 +5,7 @@ import torch
 
 from refrag import checkpoint
 from refrag.config import CompressionOptions, RefragConfig, SamplingOptions
-from refrag.generate import Request, generate
+from refrag.generation import Request, generate
 
 pytestmark = pytest.mark.integration
 

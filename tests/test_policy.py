@@ -9,7 +9,7 @@ from conftest import tiny_refrag
 from refrag.chunking import Chunk
 from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, SamplingOptions
 from refrag.errors import InputError
-from refrag.generate import Request, generate
+from refrag.generation import Request, generate
 from refrag.policy import (
     Budget,
     ExpansionPolicy,

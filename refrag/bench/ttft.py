@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from refrag.bench.machine import machine_info
 from refrag.chunking import make_passage
 from refrag.config import CompressionOptions, SamplingOptions
 from refrag.errors import InputError
-from refrag.generate import Answer, Request, generate
+from refrag.generation import Answer, Request, generate
 from refrag.modeling import RefragModel
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8000)
@@ -43,6 +43,7 @@ class TTFTRow:
     ratio_cached: float  # full / cached
     ratio_uncached: float
     encode_s: float  # median chunk-encoding time inside the uncached TTFT
+    policy_s: float  # median expansion-policy time inside the cached TTFT (0 without expansion)
     ttit_full_s: float
     ttit_refrag_s: float
     positions_full: int
@@ -69,6 +70,7 @@ class TTFTReport:
     k: int
     dtype: str
     repeats: int
+    expansion: str  # refrag's raw chunks: "none", or the policy and its budget
     rows: list[TTFTRow] = field(default_factory=list)
     throughput: ThroughputRow | None = None
 
@@ -88,13 +90,16 @@ def context_request(model: RefragModel, s: int, passage_tokens: int = 256, text:
     return Request(question=QUESTION, passages=passages)
 
 
-def _run(model: RefragModel, requests: Sequence[Request], mode: str, new_tokens: int) -> Answer:
-    return generate(
-        model,
-        requests,
-        compression=CompressionOptions(mode=mode),  # type: ignore[arg-type]
-        sampling=SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True),
-    )[0]
+def _run(model: RefragModel, requests: Sequence[Request], compression: CompressionOptions, new_tokens: int) -> Answer:
+    return generate(model, requests, compression=compression,
+                    sampling=SamplingOptions(max_new_tokens=new_tokens, ignore_eos=True))[0]
+
+
+def _expansion(options: CompressionOptions) -> str:
+    if options.policy == "none" or not (options.expand_fraction or options.expand_tokens):
+        return "none"
+    budget = f"{options.expand_tokens} positions" if options.expand_tokens else f"{options.expand_fraction:.0%}"
+    return f"{options.policy} {budget}"
 
 
 def bench_ttft(
@@ -105,23 +110,27 @@ def bench_ttft(
     ttit_tokens: int = 16,  # tokens generated per timed run (TTFT at the first, TTIT over the rest)
     throughput_batch: int = 8,
     throughput_s: int = 2048,
+    compression: CompressionOptions = CompressionOptions(),
     progress: bool = True,
 ) -> TTFTReport:
-    """Measure every s in ``lengths``; then throughput at ``throughput_batch`` x ``throughput_s`` tokens."""
+    """Measure every s in ``lengths``; then throughput at ``throughput_batch`` x ``throughput_s`` tokens.
+    ``compression``: refrag's expansion policy and budget (the full path reads every chunk as tokens)."""
     from tqdm.auto import tqdm
 
-    report = TTFTReport(machine_info(), model.config.decoder, model.k, str(model.dtype).replace("torch.", ""), repeats)
+    full, refrag = CompressionOptions(mode="full"), replace(compression, mode="refrag")
+    report = TTFTReport(machine_info(), model.config.decoder, model.k, str(model.dtype).replace("torch.", ""), repeats,
+                        _expansion(refrag))
     warm = context_request(model, min(lengths))
-    for mode in ("full", "refrag"):
-        _run(model, [warm], mode, 2)
+    for options in (full, refrag):
+        _run(model, [warm], options, 2)
     bar = tqdm(total=len(lengths) * repeats * 3, desc="bench ttft", disable=not progress)
     for s in lengths:
         plain = context_request(model, s)
         cached = plain.with_encodings(model)
         runs: dict[str, list[Answer]] = {"full": [], "cached": [], "uncached": []}
         for _ in range(repeats):  # interleaved, so noise hits the three paths alike
-            for name, request, mode in (("full", plain, "full"), ("cached", cached, "refrag"), ("uncached", plain, "refrag")):
-                runs[name].append(_run(model, [request], mode, ttit_tokens))
+            for name, request, options in (("full", plain, full), ("cached", cached, refrag), ("uncached", plain, refrag)):
+                runs[name].append(_run(model, [request], options, ttit_tokens))
                 bar.update()
         med = {name: statistics.median(a.timings.ttft_s for a in v) for name, v in runs.items()}
         answers = {name: v[0] for name, v in runs.items()}
@@ -134,6 +143,7 @@ def bench_ttft(
                 ratio_cached=med["full"] / med["cached"],
                 ratio_uncached=med["full"] / med["uncached"],
                 encode_s=statistics.median(a.timings.encode_s for a in runs["uncached"]),
+                policy_s=statistics.median(a.timings.policy_s for a in runs["cached"]),
                 ttit_full_s=statistics.median(a.timings.ttit_s for a in runs["full"]),
                 ttit_refrag_s=statistics.median(a.timings.ttit_s for a in runs["cached"]),
                 positions_full=answers["full"].decoder_positions,
@@ -145,17 +155,18 @@ def bench_ttft(
         )
     bar.close()
     if throughput_batch > 0:
-        report.throughput = bench_throughput(model, throughput_s, throughput_batch, ttit_tokens)
+        report.throughput = bench_throughput(model, throughput_s, throughput_batch, ttit_tokens, refrag)
     return report
 
 
-def bench_throughput(model: RefragModel, s: int, batch: int, new_tokens: int) -> ThroughputRow:
+def bench_throughput(model: RefragModel, s: int, batch: int, new_tokens: int,
+                     compression: CompressionOptions = CompressionOptions()) -> ThroughputRow:
     """Generated tokens per second for a batch of questions (whole call: prefill + decode)."""
     plain = context_request(model, s)
     cached = plain.with_encodings(model)
     tps = {}
     for mode, request in (("full", plain), ("refrag", cached)):
-        answer = _run(model, [request] * batch, mode, new_tokens)
+        answer = _run(model, [request] * batch, replace(compression, mode=mode), new_tokens)  # type: ignore[arg-type]
         tps[mode] = batch * len(answer.token_ids) / answer.timings.total_s
     return ThroughputRow(s, batch, new_tokens, tps["full"], tps["refrag"], tps["refrag"] / tps["full"])
 

@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.common import (
+    ExpansionChoice,
+    Json,
+    ModelChoice,
+    expansion_options,
+    model_options,
+    print_json,
+    setup_torch,
+)
 from refrag.cli.index import StoreKind
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one process).")
@@ -17,6 +25,7 @@ app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one
 
 @app.command("ttft")
 @model_options()
+@expansion_options()
 def ttft_cmd(
     lengths: Annotated[str, typer.Option(help="comma-separated context lengths")] = "512,1024,2048,4096,8000",
     repeats: Annotated[int, typer.Option(help="timed runs per path and length (median)")] = 3,
@@ -26,21 +35,24 @@ def ttft_cmd(
     json_out: Json = False,
     *,
     choice: ModelChoice,
+    expansion: ExpansionChoice,
 ) -> None:
-    """TTFT of full context vs REFRAG (cached and uncached chunk vectors), TTIT, throughput, KV bytes."""
+    """TTFT of full context vs REFRAG (cached and uncached chunk vectors), TTIT, throughput, KV bytes; with
+    --policy and a budget, REFRAG keeps those chunks raw (the policy's time is inside its TTFT)."""
     setup_torch()
     from refrag.bench.ttft import bench_ttft, plot_ttft
 
     sizes = [int(x) for x in lengths.split(",") if x.strip()]
     m = choice.load(progress=not json_out)
     report = bench_ttft(m, sizes, repeats=repeats, throughput_batch=batch, throughput_s=throughput_s,
-                        progress=not json_out)
+                        compression=expansion.compression("refrag"), progress=not json_out)
     if plot is not None:
         plot_ttft(report, plot)
     if json_out:
         print_json(report.to_json())
         return
-    table = Table(title=f"TTFT: full vs REFRAG{report.k} ({report.machine['cpu']}, {report.dtype})")
+    table = Table(title=f"TTFT: full vs REFRAG{report.k}, raw chunks: {report.expansion} ({report.machine['cpu']}, "
+                        f"{report.dtype})")
     for col in ("s", "full", "cached", "uncached", "x cached", "x uncached", "TTIT full/refrag", "KV full/refrag"):
         table.add_column(col, justify="right")
     for r in report.rows:

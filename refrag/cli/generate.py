@@ -52,7 +52,7 @@ def generate_cmd(
     """Answer QUESTION from the context files; streams the answer, then prints timings."""
     setup_torch()
     from refrag.config import ChunkingOptions, SamplingOptions
-    from refrag.generate import Request, generate
+    from refrag.generation import Request, generate
 
     compression = expansion.compression(mode)
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)

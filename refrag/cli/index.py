@@ -46,7 +46,13 @@ def build_cmd(
     setup_torch()
     from refrag.index import Index, IndexOptions, StoreOptions
 
+    from refrag.index.ingest import find_files
+    from refrag.index.manifest import INDEX
+    from refrag.io import check_replaceable
+
     options = IndexOptions(passage_tokens, retrieval_encoder, StoreOptions(backend=store, kind=store_kind))  # type: ignore[arg-type]
+    check_replaceable(out, INDEX.filename, "refrag index")  # before the model loads
+    find_files(sources)  # missing or empty sources, too
     m = choice.load(progress=not json_out, merge=False)
     index = Index.build(sources, out, m, options, progress=not json_out)
     _print_stats(index.stats, out, json_out)

@@ -29,7 +29,7 @@ from refrag.chunking import Passage
 from refrag.config import ChunkingOptions, CompressionOptions, Mode, PolicyName, SamplingOptions, check_choice
 from refrag.errors import InputError
 from refrag.eval.metrics import Difference, contains_answer, exact_match, paired_bootstrap, token_f1
-from refrag.generate import Request, generate
+from refrag.generation import Request, generate
 from refrag.modeling import RefragModel
 from refrag.policy import choose_expanded
 

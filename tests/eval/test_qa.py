@@ -17,7 +17,7 @@ from refrag.eval.qa import (
     load_qa,
     parse_modes,
 )
-from refrag.generate import Request
+from refrag.generation import Request
 from tests.conftest import tiny_refrag
 
 ROWS = [

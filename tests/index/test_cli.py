@@ -80,3 +80,21 @@ def test_ask_finds_the_checkpoint_the_index_was_built_from(app, corpus, tmp_path
         "--passage-tokens", 16, "--json")
     loaded = ModelChoice(dtype="float32").for_index(Index.open(idx)).load(progress=False)  # what `ask` uses
     torch.testing.assert_close(loaded.projector.fc1.weight, saved.projector.fc1.weight)  # trained, not fresh
+
+
+def test_build_refuses_a_users_folder_before_loading_any_model(app, corpus, tmp_path, monkeypatch):
+    from refrag.errors import InputError
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "todo.md").write_text("keep me")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ModelChoice, "load", no_model)
+    with pytest.raises(InputError, match="not a refrag index"):
+        run(app, "index", "build", corpus, "--out", mine)
+    with pytest.raises(InputError, match="does not exist"):
+        run(app, "index", "build", tmp_path / "missing", "--out", tmp_path / "new")
+    assert (mine / "todo.md").read_text() == "keep me"

@@ -43,3 +43,19 @@ def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.txt"
     path.write_bytes("\ufeffhello".encode("utf-8"))
     assert next(iter_documents([path])).text == "hello"
+
+
+def test_refrags_own_output_inside_a_source_folder_is_never_read(tmp_path):
+    from refrag.index.ingest import find_files
+
+    (tmp_path / "a.txt").write_text("a document")
+    index = tmp_path / "my-index"
+    (index / "passages").mkdir(parents=True)
+    (index / "index.json").write_text("{}")
+    (index / "passages" / "shard-0.jsonl").write_text('{"text": "a passage"}\n')
+    (tmp_path / ".my-index.tmp-abc").mkdir()
+    (tmp_path / ".my-index.tmp-abc" / "half.jsonl").write_text("{}\n")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "refrag.json").write_text("{}")
+    (tmp_path / "ckpt" / "notes.txt").write_text("x")
+    assert find_files([tmp_path]) == [tmp_path / "a.txt"]

@@ -35,9 +35,9 @@ def test_a_users_own_folder_is_never_replaced(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    with pytest.raises(InputError, match="not a refrag index.*thesis.tex"):
-        with atomic_dir(mine, replaces=("index.json", "refrag index")) as tmp:
-            (tmp / "index.json").write_text("{}")
+    with pytest.raises(InputError, match="not a refrag index.*thesis.tex"), \
+            atomic_dir(mine, replaces=("index.json", "refrag index")) as tmp:
+        (tmp / "index.json").write_text("{}")
     assert (mine / "thesis.tex").read_text() == "years of work" and not (mine / "index.json").exists()
     (tmp_path / "empty").mkdir()
     check_replaceable(tmp_path / "empty", "index.json", "refrag index")  # empty: fine

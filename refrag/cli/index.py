@@ -45,7 +45,6 @@ def build_cmd(
     """Index the passages of SOURCES: retrieval vectors + stored chunk encodings."""
     setup_torch()
     from refrag.index import Index, IndexOptions, StoreOptions
-
     from refrag.index.ingest import find_files
     from refrag.index.manifest import INDEX
     from refrag.io import check_replaceable

@@ -30,6 +30,19 @@ def check_fraction(value: float, option: str, *, below_one: bool = False) -> Non
         raise InputError(f"{option} must be in [0, {'1)' if below_one else '1]'} (got {value!r}).")
 
 
+def check_question(question: object) -> str:
+    """A question is non-blank text (checked before any model loads)."""
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("question is empty: ask something.")
+    return question
+
+
+def check_top_k(top_k: object) -> int:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
+        raise InputError(f"top_k must be a positive integer (got {top_k!r}).")
+    return top_k
+
+
 def check_choice(value: object, choices: type, option: str) -> None:
     """``value`` must be one of a Literal's values (the vocabulary is declared once, as that Literal)."""
     if value not in (allowed := get_args(choices)):

@@ -17,6 +17,7 @@ import torch
 from jinja2 import TemplateError
 
 from refrag.chunking import Passage
+from refrag.config import check_question
 from refrag.errors import InputError
 from refrag.modeling import Layout, RefragModel, context_segments
 
@@ -55,8 +56,7 @@ class PromptTemplate:
 
     def question_ids(self, tokenizer, question: str) -> list[int]:
         """Tokens after the context: the middle text, the question and the suffix."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("question is empty: ask something.")
+        check_question(question)
         return tokenizer.encode(self.middle_text + question.strip() + self.suffix_text, add_special_tokens=False)
 
 

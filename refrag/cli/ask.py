@@ -78,11 +78,12 @@ def ask_cmd(
     what built the index.
     """
     setup_torch()
-    from refrag.config import SamplingOptions
+    from refrag.config import SamplingOptions, check_question, check_top_k
     from refrag.index import Index
     from refrag.pipeline import Pipeline
 
     modes = parse_modes(mode)
+    check_question(question), check_top_k(top_k)  # before the model loads
     index = Index.open(index_path)
     pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)

@@ -56,7 +56,12 @@ def generate_cmd(
 
     compression = expansion.compression(mode)
     sampling = SamplingOptions(max_new_tokens, temperature, top_p, tuple(stop or ()), seed)
+    from refrag.config import check_question
+
     texts = read_context_files(context)
+    check_question(question)  # before the model loads
+    if not any(t.strip() for t in texts):
+        raise InputError("the context files are empty: give text to answer from.")
     m = choice.load(progress=not json_out)
     request = Request.from_texts(question, texts, m.tokenizer, ChunkingOptions(k=m.k))
     stream = None if json_out else (lambda _row, text: typer.echo(text, nl=False))

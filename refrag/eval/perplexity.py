@@ -220,7 +220,8 @@ def _expanded(model: RefragModel, chunks, method: Method, seed: int, doc: int) -
     if not method.expanded or method.policy is None:
         return set()
     policy = make_policy(method.policy, seed=seed * 1_000_003 + doc, model=model)
-    return select(policy, chunks, Budget(tokens=method.expanded * method.k))
+    encodings = model.encode_chunks(chunks) if method.policy == "learned" else None  # [L, E]: what it reads
+    return select(policy, chunks, Budget(tokens=method.expanded * method.k), encodings=encodings)
 
 
 def example_nll(model: RefragModel, layouts: Sequence[Layout], *, adapter: bool = False) -> list[float]:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refrag.chunking import Passage, make_passage, split_passages
-from refrag.config import DEFAULT_ENCODER, ChunkingOptions
+from refrag.config import DEFAULT_ENCODER, ChunkingOptions, check_top_k
 from refrag.errors import CheckpointError, InputError
 from refrag.index.chunkstore import PassageMeta, ShardReader, ShardWriter
 from refrag.index.ingest import iter_documents
@@ -194,8 +194,7 @@ class Index:
         """The ``top_k`` passages most similar to ``query`` (fewer when the index is smaller), best first."""
         if not isinstance(query, str) or not query.strip():
             raise InputError("the query is empty: give a question or some keywords.")
-        if not isinstance(top_k, int) or top_k <= 0:
-            raise InputError(f"top_k must be a positive integer (got {top_k!r}).")
+        check_top_k(top_k)
         scores, ids = self.store.search(self.retriever.encode([query]), min(top_k, len(self)))
         return [SearchHit(int(i), float(s), self.meta(int(i))) for s, i in zip(scores[0], ids[0]) if i >= 0]
 

@@ -139,6 +139,21 @@ def test_every_text_policy_at_every_fraction_with_one_truncated_baseline_per_fra
         PerplexityOptions(expand=(0.1,), policies=("lexical",))
 
 
+def test_the_learned_policy_reads_the_chunk_encodings(setup):
+    from refrag.learned_policy import PolicyNetConfig, PolicyNetwork
+
+    model, _, examples = setup
+    model.policy_network = PolicyNetwork(PolicyNetConfig(input_dim=model.encoder.hidden_size, hidden=16))
+    try:
+        torch.nn.init.normal_(model.policy_network.head.weight)
+        opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, batch_size=2, expand=(0.25,),
+                                 policies=("learned",))
+        result = evaluate_perplexity(model, examples, opts, progress=False)
+        assert len(result.per_example["refrag4+learned25"]) == 3
+    finally:
+        model.policy_network = None
+
+
 def test_random_expansion_is_seeded_per_example():
     model = tiny_refrag("llama", k=4)
     chunks = [Chunk((1,) * 4, "")] * 32  # only their number matters to these policies

@@ -97,4 +97,11 @@ def test_build_refuses_a_users_folder_before_loading_any_model(app, corpus, tmp_
         run(app, "index", "build", corpus, "--out", mine)
     with pytest.raises(InputError, match="does not exist"):
         run(app, "index", "build", tmp_path / "missing", "--out", tmp_path / "new")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / "index.json").write_text("{}")  # ask checks its arguments before it even reads the index
+    with pytest.raises(InputError, match="question is empty"):
+        run(app, "ask", idx, "  ")
+    with pytest.raises(InputError, match="top_k must be a positive"):
+        run(app, "ask", idx, "Where?", "--top-k", 0)
     assert (mine / "todo.md").read_text() == "keep me"

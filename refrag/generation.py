@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from refrag.chunking import Chunk, Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
-from refrag.errors import InputError
+from refrag.errors import CheckpointError, InputError
 from refrag.modeling import DecoderInputs, Layout, RefragModel
 from refrag.policy import Expansion, ExpansionPolicy, choose_expanded
 from refrag.prompting import PromptTemplate, rag_layout
@@ -184,6 +184,9 @@ def _chunk_encodings(
             raise InputError(
                 f"precomputed chunk vectors ({given.shape[0]}) do not match the passages' chunk count ({n})."
             )
+        if not bool(torch.isfinite(given).all()):
+            raise CheckpointError("precomputed chunk vectors hold NaN or infinite values (a damaged index shard?): "
+                                  "rebuild the index, or re-encode those passages.")
         out.append(given)
     return out, encode_s
 
@@ -274,6 +277,9 @@ def _prefill_and_decode(
             use_cache=True,
             logits_to_keep=1,
         )
+        if not bool(torch.isfinite(out.logits[:, -1]).all()):
+            raise CheckpointError("the decoder produced NaN / infinite logits: a damaged checkpoint or model "
+                                  "weights (re-export or re-download them), or fp16 overflow (use bfloat16/float32).")
         next_ids = sample_next(out.logits[:, -1], sampling, generator)  # [B]
         next_ids.tolist()  # the first token exists (on the host) before TTFT is read
         ttft, prefill_s = time.perf_counter() - batch.t0, time.perf_counter() - t_pre

@@ -74,7 +74,7 @@ def sample_orders(logits: torch.Tensor, count: int, samples: int, generator: tor
     if not 0 <= count <= L:
         raise InputError(f"cannot pick {count} of {L} chunks.")
     u = torch.rand(samples, logits.shape[-1], generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-    gumbel = -torch.log(-torch.log(u)).to(logits.dtype)
+    gumbel = -torch.log(-torch.log(u)).to(device=logits.device, dtype=logits.dtype)  # drawn on the CPU: seeded
     return (logits.detach()[None] + gumbel).topk(count, dim=-1).indices
 
 

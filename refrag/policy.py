@@ -189,8 +189,9 @@ def make_policy(name: PolicyName, *, seed: int = 0, model: RefragModel | None = 
 
 @dataclass(frozen=True)
 class Budget:
-    """How much raw text a request may read: ``fraction`` p of its L chunks (round(p * L)), or at most
-    ``tokens`` decoder positions on raw chunks (chunks are taken in score order while they fit)."""
+    """How much raw text a request may read: ``fraction`` p of its L chunks (``expansion_count``), or at most
+    ``tokens`` decoder positions on raw chunks (in score order; a chunk that does not fit is skipped and a
+    smaller later one may still be taken)."""
 
     fraction: float = 0.0
     tokens: int | None = None
@@ -217,8 +218,9 @@ class Budget:
 
 
 def expansion_count(num_chunks: int, fraction: float) -> int:
-    """The fraction budget: round(p * L) chunks stay raw."""
-    return round(fraction * num_chunks)
+    """The fraction budget: p * L chunks rounded half up, and at least one when p > 0 (a budget asked for is
+    never silently empty)."""
+    return min(num_chunks, max(1, math.floor(fraction * num_chunks + 0.5))) if fraction > 0 else 0
 
 
 def select(
@@ -262,8 +264,9 @@ def choose_expanded(
     if options.mode == "full":
         return Expansion(set(range(len(chunks))), "full", 0.0)
     budget = Budget.of(options)
-    if options.policy == "none" or budget.empty:
+    if budget.empty or (policy is None and options.policy == "none"):
         return Expansion(set(), "none", 0.0)
+    name = options.policy if policy is None else type(policy).__name__  # a caller's own policy: its class name
     policy = policy or make_policy(options.policy, seed=options.seed, model=model)
     expanded = select(policy, chunks, budget, encodings=encodings, question=question)
-    return Expansion(expanded, options.policy, time.perf_counter() - t0)
+    return Expansion(expanded, name, time.perf_counter() - t0)

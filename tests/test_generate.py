@@ -150,3 +150,19 @@ def test_generate_keeps_the_callers_train_mode(model):
     model.eval()
     generate(model, [_request(model)], sampling=SamplingOptions(max_new_tokens=1))
     assert not model.training
+
+
+def test_non_finite_vectors_or_weights_are_an_error_not_an_empty_answer():
+    from refrag.config import CompressionOptions, SamplingOptions
+    from refrag.errors import CheckpointError
+
+    model = tiny_refrag("llama", k=4)
+    request = Request.from_texts("What is it?", ["Paris is the capital of France. " * 3], model.tokenizer)
+    cached = request.with_encodings(model)
+    broken = Request(cached.question, cached.passages, tuple(torch.full_like(e, float("nan")) for e in cached.encoded))
+    with pytest.raises(CheckpointError, match="NaN"):
+        generate(model, [broken], sampling=SamplingOptions(max_new_tokens=2))
+    with torch.no_grad():
+        model.decoder.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        generate(model, [request], compression=CompressionOptions(mode="full"), sampling=SamplingOptions(max_new_tokens=2))

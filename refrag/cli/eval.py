@@ -85,7 +85,8 @@ def perplexity_cmd(
 def qa_cmd(
     data: Annotated[Path, typer.Option("--data", help="question/answer JSONL")],
     modes: Annotated[
-        str, typer.Option(help="comma list: full, refrag, refrag@N (N passages), llmlingua")
+        str, typer.Option(help="comma list: full, refrag, refrag@N (N passages), llmlingua, extractive (the chunks "
+                                "--policy keeps, as plain text)")
     ] = "full,refrag",
     index: Annotated[
         Path | None, typer.Option("--index", help="retrieve passages from this index (else gold passages)")

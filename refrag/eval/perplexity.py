@@ -37,7 +37,7 @@ from refrag.config import PolicyName, check_choice, check_fraction
 from refrag.errors import InputError
 from refrag.eval.methods import ADAPTER_CONTROL, FOREIGN_CONTROL, Method
 from refrag.modeling import Layout, RefragModel, Segment, start_token, token_nll
-from refrag.policy import Budget, make_policy, select
+from refrag.policy import Budget, expansion_count, make_policy, select
 
 log = logging.getLogger(__name__)
 TEXT_POLICIES: tuple[PolicyName, ...] = tuple(
@@ -88,15 +88,17 @@ class PerplexityOptions:
                 methods.append(Method("truncated", positions=L - n + n * k))
         unique: dict[str, Method] = {}
         for m in methods:
-            unique.setdefault(m.name, m)
+            if m.kind == "refrag" and m.name in unique:
+                raise InputError(f"{m.name} twice: give each --expand fraction and --policy once.")
+            unique.setdefault(m.name, m)  # truncated baselines may coincide
         return list(unique.values())
 
     def method_names(self) -> list[str]:
         return [m.name for m in self.methods()]
 
     def expanded_chunks(self, k: int, fraction: float) -> int:
-        """How many of the s / k chunks stay raw tokens (at least one when the fraction is > 0)."""
-        return max(1, round(fraction * self.s / k)) if fraction else 0
+        """How many of the s / k chunks stay raw tokens (``expansion_count``, as generation counts them)."""
+        return expansion_count(self.s // k, fraction)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,7 @@ def parse_modes(
 
     ``refrag`` gives its plain row plus one row per policy and budget (each fraction, each token count);
     ``extractive`` gives only the policy rows (it needs a budget)."""
-    budgets = [(f"{round(100 * f)}%", f, None) for f in fractions] + [(f"{t}t", 0.0, t) for t in tokens]
+    budgets = [(f"{100 * f:g}%", f, None) for f in fractions] + [(f"{t}t", 0.0, t) for t in tokens]
     for policy in policies:
         check_choice(policy, PolicyName, "--policy")
     modes = []
@@ -141,6 +142,10 @@ def parse_modes(
                       for policy in policies for label, f, t in budgets]
     if not modes:
         raise InputError("give at least one mode (--modes full,refrag).")
+    if len({m.name for m in modes}) < len(modes):
+        raise InputError(f"a mode, policy or budget is given twice ({', '.join(m.name for m in modes)}).")
+    for m in modes:  # budgets checked now, not at the first answer
+        m.selection(0)
     return tuple(modes)
 
 
@@ -263,28 +268,35 @@ class _Answerer:
         )
 
     def _request(self, i: int, mode: QAMode, count: int) -> tuple[Request, float, tuple[int, ...]]:
-        """Gold passages + distractors (or the index's passages as text); chunk encodings precomputed outside the
-        timed region for refrag and extractive; LLMLingua's compression time and the extractive policy's time
-        returned to be counted in TTFT, with the chunks extractive kept."""
+        """Gold passages + distractors, or the index's passages with their stored chunk encodings (retrieval time
+        returned to be counted in TTFT, as ``Pipeline.ask`` counts it); encodings of gold passages precomputed
+        outside the timed region. LLMLingua's compression time and the extractive policy's time are counted in
+        TTFT too; the chunks extractive kept are returned."""
         ex, model, chunking = self.examples[i], self.model, ChunkingOptions(k=self.model.k)
+        extra_s = 0.0
         if self.pipeline is None:
             texts = gold_passages(self.examples, i, count, self.options.seed)
+            request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
         else:
-            index = self.pipeline.index  # type: ignore[attr-defined]
-            texts = [index.passage(h.id, model.tokenizer).text for h in index.search(ex.question, count)]
-        request = Request.from_texts(ex.question, texts, model.tokenizer, chunking)
+            index, t0 = self.pipeline.index, time.perf_counter()  # type: ignore[attr-defined]
+            hits = index.search(ex.question, count)
+            request = Request(ex.question, tuple(index.passage(h.id, model.tokenizer) for h in hits),
+                              tuple(index.encoded(h.id) for h in hits))
+            extra_s = time.perf_counter() - t0
         if mode.kind == "refrag":
-            return request.with_encodings(model), 0.0, ()
+            return request.with_encodings(model), extra_s, ()
         if mode.kind == "extractive":
-            encoded = request.with_encodings(model).encoded or ()
-            chosen = choose_expanded(request.chunks, mode.selection(self.options.seed), encodings=torch.cat(encoded),
-                                     question=ex.question, model=model)
-            return extract(request, chosen.expanded), chosen.seconds, tuple(sorted(chosen.expanded))
+            encoded = (request.encoded or request.with_encodings(model).encoded) or ()
+            chosen = choose_expanded(request.chunks, mode.selection(self.options.seed),
+                                     encodings=torch.cat([e.to(model.device) for e in encoded]), question=ex.question,
+                                     model=model)
+            return extract(request, chosen.expanded), extra_s + chosen.seconds, tuple(sorted(chosen.expanded))
         if mode.kind == "llmlingua":
             budget = len(request.chunks)  # REFRAG's context positions
-            squeezed = self.compressor.compress(texts, ex.question, budget)  # type: ignore[attr-defined]
-            return Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking), squeezed.seconds, ()
-        return request, 0.0, ()
+            squeezed = self.compressor.compress([p.text for p in request.passages], ex.question, budget)  # type: ignore[attr-defined]
+            return (Request.from_texts(ex.question, [squeezed.text], model.tokenizer, chunking),
+                    extra_s + squeezed.seconds, ())
+        return Request(request.question, request.passages), extra_s, ()
 
 
 def extract(request: Request, keep: set[int]) -> Request:

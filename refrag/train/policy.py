@@ -8,8 +8,11 @@
 - GRPO: advantages standardised per example's group; PPO's clipped ratio against the policy that sampled, the
   rollouts being reused for ``reuse`` consecutive optimizer steps (the PPO epochs; the reward forwards are the
   expensive part, so reuse is what makes a CPU step affordable).
-- Loop: the shared one (checkpoints, exact resume at a rollout boundary, logging); held-out score = the
-  continuation's log-ppl with the greedy selection, next to random selection's at the same budget.
+- Loop: the shared one (checkpoints, logging); checkpoints fall on rollout boundaries (--steps / --save-every
+  multiples of --reuse), where a resume is exact; a --max-minutes stop may fall inside a block, whose rollouts
+  a resume then samples again with the current policy as the "old" one. Held-out score: the continuation's
+  log-ppl with the greedy selection (key L), next to a random selection's at the same budget (key -L).
+- One rollout batch per optimizer step: the step's examples are never split into micro-batches.
 """
 
 from __future__ import annotations
@@ -61,8 +64,6 @@ class PolicyOptions:
         check_fraction(self.fraction, "--expand-fraction", below_one=True)
         if self.context_chunks < 2 or self.continuation_tokens < 1:
             raise InputError("the policy needs >= 2 context chunks and a continuation (--continuation-tokens).")
-        if expansion_count(self.context_chunks, self.fraction) < 1:
-            raise InputError(f"--expand-fraction {self.fraction} keeps no chunk of {self.context_chunks}: raise it.")
         if self.group < 2:
             raise InputError(f"--group must be >= 2 (advantages are relative within a group; got {self.group}).")
         if self.reuse < 1 or not 0 < self.clip < 1:
@@ -126,15 +127,14 @@ class PolicyTask:
         was_training = model.training
         model.eval()  # the frozen compressor scores without dropout (the text encoder has some)
         encodings = self._encode(model, examples)
-        mask = torch.ones(encodings.shape[:2], dtype=torch.bool)
         generator = torch.Generator().manual_seed(hash(tuple(examples)) & 0x7FFF_FFFF)  # ints only: no hash salt
         with torch.no_grad():
-            logits = network(encodings, mask)  # [B, L]
+            logits = _logits(network, encodings)  # [B, L]
             orders = torch.stack([sample_orders(row, self.count, o.group, generator) for row in logits])  # [B, G, T']
             old = order_log_prob(logits, orders)
             tried = [replace(ex, expanded=tuple(sorted(sel))) for ex, rows in zip(examples, orders.tolist())
                      for sel in rows]
-            rewards = torch.tensor(self.reward(model, tried)).view(len(examples), o.group)  # [B, G]
+            rewards = torch.tensor(self.reward(model, tried), device=logits.device).view(len(examples), o.group)  # [B, G]
         model.train(was_training)
         return _Rollouts(encodings, orders, old, group_advantages(rewards), float(rewards.mean()))
 
@@ -144,7 +144,7 @@ class PolicyTask:
             self._cache.clear()  # a new rollout batch: the previous one is done
             self._cache[key] = self._rollouts(model, examples)
         r = self._cache[key]
-        logits = _network(model)(r.encodings, torch.ones(r.encodings.shape[:2], dtype=torch.bool))
+        logits = _logits(_network(model), r.encodings)
         return clipped_objective(order_log_prob(logits, r.orders), r.old_log_prob, r.advantages, self.options.clip)
 
     def positions(self, examples: Sequence[Example]) -> int:
@@ -162,13 +162,20 @@ class PolicyTask:
         examples = self.held_out()
         encodings = self._encode(model, examples)
         with torch.no_grad():
-            logits = _network(model)(encodings, torch.ones(encodings.shape[:2], dtype=torch.bool))
+            logits = _logits(_network(model), encodings)
         greedy = [replace(ex, expanded=tuple(sorted(row.topk(self.count).indices.tolist())))
                   for ex, row in zip(examples, logits)]
         rng = np.random.default_rng(self.options.seed)
         L = self.options.context_chunks
         rand = [replace(ex, expanded=tuple(sorted(rng.choice(L, self.count, replace=False).tolist()))) for ex in examples]
         return {L: score_examples(model, greedy, batch_size), -L: score_examples(model, rand, batch_size)}
+
+
+def _logits(network: PolicyNetwork, encodings: torch.Tensor) -> torch.Tensor:
+    """[B, L, E] -> [B, L] in fp32 (outside the loop's bf16 autocast: sampling and ratios need the precision)."""
+    mask = torch.ones(encodings.shape[:2], dtype=torch.bool, device=encodings.device)
+    with torch.autocast(device_type=encodings.device.type, enabled=False):
+        return network(encodings.float(), mask)
 
 
 def _network(model: RefragModel) -> PolicyNetwork:
@@ -191,8 +198,10 @@ def prepare(model: RefragModel, options: PolicyOptions) -> None:
 def train_policy(model: RefragModel, corpus: TokenCorpus, options: PolicyOptions,
                  train_options: TrainOptions) -> TrainResult:
     prepare(model, options)
-    if train_options.steps % options.reuse:
-        raise InputError(f"--steps {train_options.steps} must be a multiple of --reuse {options.reuse}.")
+    for name, value in (("--steps", train_options.steps), ("--save-every", train_options.save_every),
+                        ("--stop-after", train_options.stop_after or 0)):
+        if value % options.reuse:  # checkpoints at rollout boundaries: a resume then continues exactly
+            raise InputError(f"{name} {value} must be a multiple of --reuse {options.reuse}.")
     task = PolicyTask(corpus.train, corpus.val, model.k, options)
     train_options = replace(train_options, lr=train_options.lr or RECIPE.paper_lr,
                             micro_batch_size=train_options.batch_size)  # one rollout batch per step

@@ -100,6 +100,12 @@ def test_policies_and_budgets_multiply_the_refrag_and_extractive_rows():
         parse_modes("extractive")
     with pytest.raises(InputError, match="policy"):
         parse_modes("refrag", ["best"], [0.1])
+    with pytest.raises(InputError, match="twice"):
+        parse_modes("refrag,refrag")
+    assert [m.name for m in parse_modes("refrag", ["lexical"], [0.101, 0.104])][1:] == [
+        "refrag+lexical10.1%", "refrag+lexical10.4%"]
+    with pytest.raises(InputError, match="expand_fraction"):
+        parse_modes("refrag", ["lexical"], [1.5])
 
 
 def test_extract_keeps_only_the_chosen_chunks_as_plain_passages():
@@ -112,6 +118,7 @@ def test_extract_keeps_only_the_chosen_chunks_as_plain_passages():
     assert [len(p.chunks) for p in cut.passages] == [2, 1]
     assert cut.chunks == [chunks[0], chunks[1], chunks[n0]]
     assert cut.passages[0].token_ids == chunks[0].token_ids + chunks[1].token_ids
+    assert cut.passages[0].text == chunks[0].text + chunks[1].text and cut.passages[1].text == chunks[n0].text
     with pytest.raises(InputError, match="keeps no chunk"):
         extract(request, set())
 

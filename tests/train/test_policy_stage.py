@@ -71,15 +71,24 @@ def test_rollouts_are_reused_for_the_ppo_epochs_and_examples_depend_only_on_the_
     prepare(model, options)
     task = PolicyTask(stream(2_000, 0), stream(500, 1), model.k, options, reward=marker_reward)
     assert task.examples(0, 2) == task.examples(2, 2) != task.examples(3, 2)
-    task.loss(model, task.examples(0, 2))
-    first = task._cache[tuple(task.examples(0, 2))]
+    optimizer = torch.optim.SGD(model.policy_network.parameters(), lr=1.0)
+    torch.nn.init.normal_(model.policy_network.head.weight)  # a non-uniform policy, so a step moves the ratio
+    first = task._rollouts(model, task.examples(0, 2))
+    task._cache = {tuple(task.examples(0, 2)): first}
+    task.loss(model, task.examples(0, 2)).backward()
+    optimizer.step()
     task.loss(model, task.examples(1, 2))
     assert task._cache[tuple(task.examples(1, 2))] is first  # the same rollouts: ratio against the sampler
+    from refrag.learned_policy import order_log_prob
+    from refrag.train.policy import _logits
+
+    moved = order_log_prob(_logits(model.policy_network, first.encodings), first.orders)
+    assert not torch.allclose(moved, first.old_log_prob)  # the second PPO epoch sees a ratio != 1
     assert all(p.requires_grad == n.startswith("policy_network.") for n, p in model.named_parameters())
 
 
 def test_bad_policy_options_are_clear():
-    with pytest.raises(InputError, match="keeps no chunk"):
-        PolicyOptions(fraction=0.01, context_chunks=8)
+    with pytest.raises(InputError, match="expand-fraction"):
+        PolicyOptions(fraction=-0.1)
     with pytest.raises(InputError, match="group"):
         PolicyOptions(group=1)

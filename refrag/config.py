@@ -72,7 +72,7 @@ class CompressionOptions:
     mode: Mode = "refrag"  # "full": every chunk as tokens (plain RAG); "refrag": compressed
     expand_fraction: float = 0.0  # p: fraction of chunks kept as raw tokens in refrag mode
     expand_tokens: int | None = None  # or: at most this many decoder positions spent on raw chunks
-    policy: PolicyName = "similarity"  # which chunks to keep raw (refrag.policy)
+    policy: PolicyName = "lexical"  # which chunks to keep raw (refrag.policy); used when a budget is given
     seed: int = 0  # for policy="random"
 
     def __post_init__(self) -> None:

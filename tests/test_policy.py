@@ -43,7 +43,8 @@ def test_heuristic_choices():
 def test_similarity_picks_the_chunk_closest_to_the_question():
     enc = torch.eye(4)
     model = type("M", (), {"encode_chunks": staticmethod(lambda texts: enc[2:3])})()
-    assert _chosen(CompressionOptions(expand_fraction=0.25), encodings=enc, question="q", model=model) == {2}
+    assert _chosen(CompressionOptions(expand_fraction=0.25, policy="similarity"), encodings=enc, question="q",
+                   model=model) == {2}
     with pytest.raises(InputError, match="model"):
         make_policy("similarity")
     with pytest.raises(InputError, match="encodings"):

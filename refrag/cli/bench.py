@@ -25,7 +25,7 @@ app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one
 
 @app.command("ttft")
 @model_options()
-@expansion_options()
+@expansion_options(policy="none", fraction=0.0)
 def ttft_cmd(
     lengths: Annotated[str, typer.Option(help="comma-separated context lengths")] = "512,1024,2048,4096,8000",
     repeats: Annotated[int, typer.Option(help="timed runs per path and length (median)")] = 3,

@@ -132,8 +132,8 @@ class ExpansionChoice:
     """Which chunks stay raw tokens in refrag mode: a policy and a budget (a fraction of the chunks, or decoder
     positions)."""
 
-    policy: str = "similarity"
-    fraction: float = 0.0
+    policy: str = "lexical"
+    fraction: float = 0.1
     tokens: int | None = None
 
     def compression(self, mode: str):
@@ -144,9 +144,13 @@ class ExpansionChoice:
                                   expand_tokens=self.tokens)
 
 
-def expansion_options(*, policy: str = "similarity", fraction: float = 0.0):
+DEFAULT_POLICY, DEFAULT_FRACTION = "lexical", 0.1  # best refrag row on held-out NQ (docs/policies.md)
+
+
+def expansion_options(*, policy: str = DEFAULT_POLICY, fraction: float = DEFAULT_FRACTION):
     """``--policy / --expand-fraction / --expand-tokens`` as one group (the command receives
-    ``expansion: ExpansionChoice``)."""
+    ``expansion: ExpansionChoice``). The default (lexical, 10% of the chunks raw) measured best on held-out NQ
+    at 23% of full mode's decoder positions; ``--policy none`` is plain REFRAG."""
     params = (
         flag("policy", Annotated[str, typer.Option(
             help=f"which chunks stay raw tokens in refrag mode: {', '.join(get_args(PolicyName))}")], policy),

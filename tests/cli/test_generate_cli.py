@@ -31,7 +31,10 @@ def test_generate_json(checkpoint, context, mode):
     assert data["mode"] == mode and data["timings"]["ttft_s"] > 0
     assert data["compression"] == (1.0 if mode == "full" else pytest.approx(data["context_tokens"] / data["context_positions"]))
     if mode == "refrag":
-        assert data["compression"] > 3
+        assert data["policy"] == "lexical" and data["expanded_chunks"]  # the default: 10% of the chunks raw
+        plain = runner.invoke(app, ["generate", "-c", str(context), "-q", "What is the capital?", "--policy", "none",
+                                    "--model", str(checkpoint), "--dtype", "float32", "--max-new-tokens", "2", "--json"])
+        assert json.loads(plain.stdout)["compression"] > 3 > data["compression"]
 
 
 def test_generate_streams_text_and_reports_timings(checkpoint, context):

@@ -49,13 +49,15 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
     hits = json.loads(run(app, "search", idx, "The lazy dog sleeps by the sea.", "--top-k", 2, "--json"))
     assert hits[0]["title"] == "Extra" and len(hits) == 2
     out = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "refrag",
-                         "--max-new-tokens", 2, "--top-k", 3, "--json"))
+                         "--max-new-tokens", 2, "--top-k", 3, "--policy", "none", "--json"))
     assert [a["mode"] for a in out["answers"]] == ["refrag"] and len(out["sources"]) == 3
     assert out["answers"][0]["ttft_s"] > 0 and out["ttft_ratio"] is None
     text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "both",
                "--max-new-tokens", 2)
     assert "[full]" in text and "[refrag]" in text and "TTFT full / refrag" in text and "[1]" in text
-    assert "raw chunks: none" not in text and "raw chunks (none): none (every chunk compressed)" in text
+    assert "raw chunks (lexical): " in text  # the default: lexical, 10% of the chunks raw
+    plain = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--policy", "none", "--max-new-tokens", 2)
+    assert "raw chunks (none): none (every chunk compressed)" in plain
     raw = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--policy", "lexical",
                          "--expand-tokens", 8, "--max-new-tokens", 2, "--top-k", 3, "--json"))["answers"][0]
     assert raw["policy"] == "lexical" and raw["expanded_chunks"] and raw["timings"]["policy_s"] > 0

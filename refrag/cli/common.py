@@ -127,13 +127,16 @@ def comma_list(spec: str, convert: Callable[[str], T], option: str) -> tuple[T, 
     return tuple(items)
 
 
+DEFAULT_POLICY, DEFAULT_FRACTION = "lexical", 0.1  # best refrag row on held-out NQ (docs/policies.md)
+
+
 @dataclass(frozen=True)
 class ExpansionChoice:
     """Which chunks stay raw tokens in refrag mode: a policy and a budget (a fraction of the chunks, or decoder
     positions)."""
 
-    policy: str = "lexical"
-    fraction: float = 0.1
+    policy: str = DEFAULT_POLICY
+    fraction: float = DEFAULT_FRACTION
     tokens: int | None = None
 
     def compression(self, mode: str):
@@ -142,9 +145,6 @@ class ExpansionChoice:
 
         return CompressionOptions(mode=mode, policy=self.policy, expand_fraction=self.fraction,  # type: ignore[arg-type]
                                   expand_tokens=self.tokens)
-
-
-DEFAULT_POLICY, DEFAULT_FRACTION = "lexical", 0.1  # best refrag row on held-out NQ (docs/policies.md)
 
 
 def expansion_options(*, policy: str = DEFAULT_POLICY, fraction: float = DEFAULT_FRACTION):

@@ -22,8 +22,9 @@ from refrag.modeling import DecoderInputs, Layout, RefragModel
 from refrag.policy import Expansion, ExpansionPolicy, choose_expanded
 from refrag.prompting import PromptTemplate, rag_layout
 
-FinishReason = Literal["eos", "stop", "length"]
+FinishReason = Literal["eos", "stop", "length", "cancelled"]
 TextCallback = Callable[[int, str], None]  # (batch row, new text)
+Cancelled = Callable[[int], bool]  # (batch row) -> stop generating for it now (e.g. its client went away)
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,11 @@ def generate(
     template: PromptTemplate | None = None,
     on_text: TextCallback | None = None,
     policy: ExpansionPolicy | None = None,
+    cancelled: Cancelled | None = None,
 ) -> list[Answer]:
     """Answer a batch of requests. ``on_text(row, delta)`` streams text as it is produced; ``policy`` replaces
-    the expansion policy ``compression.policy`` names (e.g. a learned one; the budget stays the options')."""
+    the expansion policy ``compression.policy`` names (e.g. a learned one; the budget stays the options');
+    ``cancelled(row)``, asked before every decoding step, ends that row early (finish reason "cancelled")."""
     t0 = time.perf_counter()
     if not requests:
         raise InputError("generate needs at least one request.")
@@ -236,7 +239,7 @@ def generate(
             layouts.append(rag_layout(model, template, q_ids, r.passages, vectors, expansion.expanded))
             expansions.append(expansion)
         batch = _Batch(tuple(requests), layouts, expansions, t0, encode_s)
-        return _prefill_and_decode(model, batch, sampling, on_text)
+        return _prefill_and_decode(model, batch, sampling, on_text, cancelled)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ class _Batch:
 
 
 def _prefill_and_decode(
-    model: RefragModel, batch: _Batch, sampling: SamplingOptions, on_text: TextCallback | None
+    model: RefragModel, batch: _Batch, sampling: SamplingOptions, on_text: TextCallback | None,
+    cancelled: Cancelled | None = None,
 ) -> list[Answer]:
     """The window check, the prefill (logits of the last position only), then KV-cached decoding."""
     limit = getattr(model.decoder.config, "max_position_embeddings", None)
@@ -286,7 +290,7 @@ def _prefill_and_decode(
         kv_bytes = kv_cache_bytes(out.past_key_values)
         rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
                 for b in range(len(batch.requests))]
-        _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator)
+        _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator, cancelled)
     total = time.perf_counter() - batch.t0
     steps = max(len(r.ids) for r in rows)
     timings = Timings(
@@ -303,14 +307,18 @@ def _prefill_and_decode(
 
 
 def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs, cache, next_ids: torch.Tensor,
-            rows: list[_Row], sampling: SamplingOptions, generator: torch.Generator | None) -> None:
-    """KV-cached decoding from the prefill's cache and first tokens, until every row finished or the cap."""
+            rows: list[_Row], sampling: SamplingOptions, generator: torch.Generator | None,
+            cancelled: Cancelled | None = None) -> None:
+    """KV-cached decoding from the prefill's cache and first tokens, until every row finished (or was
+    cancelled) or the cap."""
     B = len(rows)
     eos = set() if sampling.ignore_eos else _eos_ids(model)
     mask, positions = inputs.attention_mask, inputs.position_ids[:, -1:]
     step_ids = next_ids.tolist()  # [B] the prefill's tokens
     for step in range(sampling.max_new_tokens):
-        for row, token in zip(rows, step_ids):
+        for b, (row, token) in enumerate(zip(rows, step_ids)):
+            if cancelled is not None and row.finish is None and cancelled(b):
+                row.finish = "cancelled"
             row.push(token, eos)
         if all(r.finish is not None for r in rows) or step == sampling.max_new_tokens - 1:
             break

@@ -44,11 +44,16 @@ class Pipeline:
         compression: CompressionOptions = CompressionOptions(),
         sampling: SamplingOptions = SamplingOptions(),
     ) -> AskResult:
+        request, hits, retrieval_s = self.retrieve(question, top_k=top_k, compression=compression)
+        answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
+        return AskResult(question, answer, hits, retrieval_s)
+
+    def retrieve(self, question: str, *, top_k: int = 5, compression: CompressionOptions = CompressionOptions()
+                 ) -> tuple[Request, tuple[SearchHit, ...], float]:
+        """The question's request (passages, and their stored chunk encodings in refrag mode), the hits and the
+        seconds retrieval took; what ``ask`` answers, and what a server batches."""
         t0 = time.perf_counter()
-        hits = self.index.search(question, top_k)
+        hits = tuple(self.index.search(question, top_k))
         passages = tuple(self.index.passage(h.id, self.model.tokenizer) for h in hits)
         encoded = tuple(self.index.encoded(h.id) for h in hits) if compression.mode == "refrag" else None
-        retrieval_s = time.perf_counter() - t0
-        request = Request(question=question, passages=passages, encoded=encoded)
-        answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
-        return AskResult(question, answer, tuple(hits), retrieval_s)
+        return Request(question=question, passages=passages, encoded=encoded), hits, time.perf_counter() - t0

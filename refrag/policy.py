@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -27,6 +25,7 @@ import torch
 from refrag.chunking import Chunk
 from refrag.config import CompressionOptions, PolicyName
 from refrag.errors import InputError
+from refrag.lexical import BM25
 
 if TYPE_CHECKING:
     from refrag.modeling import RefragModel
@@ -96,19 +95,6 @@ class SimilarityPolicy:
         ).tolist()  # [L]
 
 
-_WORD = re.compile(r"\w+")
-_STOPWORDS = frozenset({
-    "a", "an", "and", "are", "as", "at", "be", "by", "did", "do", "does", "for", "from", "had", "has", "have",
-    "how", "i", "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "what",
-    "when", "where", "which", "who", "whom", "whose", "why", "will", "with",
-})
-
-
-def terms(text: str) -> list[str]:
-    """Lower-cased word tokens without stop words (what lexical matching compares)."""
-    return [w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
-
-
 @dataclass(frozen=True)
 class LexicalPolicy:
     """BM25 of the question's terms over the request's chunks (Lucene's idf, k1 = 1.2, b = 0.75)."""
@@ -117,16 +103,7 @@ class LexicalPolicy:
     b: float = 0.75
 
     def scores(self, chunks, encodings, question) -> list[float]:
-        query = set(terms(_need_question(question, "lexical")))
-        docs = [Counter(terms(c.text)) for c in chunks]
-        mean_len = sum(sum(d.values()) for d in docs) / max(len(docs), 1) or 1.0
-        df = Counter(t for d in docs for t in d if t in query)
-        idf = {t: math.log(1 + (len(docs) - n + 0.5) / (n + 0.5)) for t, n in df.items()}
-        out = []
-        for d in docs:
-            norm = self.k1 * (1 - self.b + self.b * sum(d.values()) / mean_len)
-            out.append(sum(idf[t] * d[t] * (self.k1 + 1) / (d[t] + norm) for t in idf if t in d))
-        return out
+        return BM25([c.text for c in chunks], self.k1, self.b).scores(_need_question(question, "lexical"))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from refrag.chunking import Passage
 from refrag.config import check_question
 from refrag.errors import InputError
-from refrag.modeling import Layout, RefragModel, context_segments
+from refrag.modeling import Layout, RefragModel, Segment, context_segments
 
 _CTX, _Q = "\x00CONTEXT\x00", "\x00QUESTION\x00"
 INSTRUCTION = "Answer the question using the context. Reply with a short answer."
@@ -73,6 +73,20 @@ def _render_chat(tokenizer, content: str) -> str:
     raise InputError("the tokenizer's chat template rejected a plain user message.")
 
 
+def rag_segments(
+    template: PromptTemplate,
+    question_ids: Sequence[int],
+    passages: Sequence[Passage],
+    vectors: torch.Tensor | None,
+    expanded: set[int],
+) -> list[Segment]:
+    """The prompt's segments: prefix, passages (``context_segments``: chunks in order, separators between raw
+    passages), question and suffix. vectors: [V, D] projected vectors of the compressed chunks, in order (None in
+    full mode). With every chunk expanded this is exactly the plain-RAG prompt."""
+    context = context_segments([p.chunks for p in passages], expanded, vectors, template.separator_ids)
+    return [template.prefix_ids, *context, question_ids]
+
+
 def rag_layout(
     model: RefragModel,
     template: PromptTemplate,
@@ -81,8 +95,5 @@ def rag_layout(
     vectors: torch.Tensor | None,
     expanded: set[int],
 ) -> Layout:
-    """Layout: prefix, passages (``context_segments``: chunks in order, separators between raw passages),
-    question and suffix. vectors: [V, D] projected vectors of the compressed chunks, in order (None in full
-    mode). With every chunk expanded this is exactly the plain-RAG prompt."""
-    context = context_segments([p.chunks for p in passages], expanded, vectors, template.separator_ids)
-    return model.layout([template.prefix_ids, *context, question_ids])
+    """``rag_segments`` as an inference layout in the model's space."""
+    return model.layout(rag_segments(template, question_ids, passages, vectors, expanded))

@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from refrag.cli import ask, bench, generate, index, models, train
+from refrag.cli import ask, bench, data, generate, index, models, serve, train
 from refrag.cli import eval as eval_cli
 from refrag.errors import RefragError
 
@@ -20,10 +20,12 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(index.app, name="index")
 app.add_typer(train.app, name="train")
 app.add_typer(eval_cli.app, name="eval")
+app.add_typer(data.app, name="data")
 app.command("generate")(generate.generate_cmd)
 app.command("search")(ask.search_cmd)
 app.command("ask")(ask.ask_cmd)
 app.command("report")(eval_cli.report_cmd)
+app.command("serve")(serve.serve_cmd)
 
 
 def main() -> None:

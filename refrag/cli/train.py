@@ -17,7 +17,7 @@ from refrag.cli.common import ModelChoice, flag, model_options, option_group, se
 if TYPE_CHECKING:
     from refrag.config import RefragConfig
 
-app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed (-> policy).")
+app = typer.Typer(no_args_is_help=True, help="Train the compressor: reconstruct -> cpt -> mixed (-> policy, sft).")
 
 TRAINING_DATA = ("../shared/data/wiki_vital_summaries_en.jsonl,../shared/data/sotu.txt,"
                  "../shared/data/moby_dick.txt")
@@ -214,6 +214,44 @@ def policy_cmd(
     for n, s in sorted(result.eval.items(), reverse=True):
         name = "learned (greedy)" if n > 0 else "random"
         typer.echo(f"held-out continuation, {name} selection of {expand_fraction:.0%}: log-ppl {s.log_ppl:.3f}")
+    typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
+
+
+@app.command("sft")
+@_loop_group("runs/sft", steps=300, micro_batch_size=8)
+def sft_cmd(
+    init: Init,
+    data: Annotated[Path, typer.Option(help="QA rows from `refrag data qa` (the last --eval-examples are held out)")],
+    target: Annotated[str, typer.Option(help="teacher: the full-context decoder's answer (sequence-level "
+                                             "distillation); gold: the row's answer")] = "teacher",
+    distill: Annotated[float, typer.Option(help="weight in [0, 1] of a token-level KL to the full-context decoder")]
+        = 0.0,
+    policy: Annotated[str, typer.Option(help="chunks kept raw while training: none, first, last, random, lexical")]
+        = "lexical",
+    expand_fraction: Annotated[float, typer.Option(help="p: fraction of the chunks the policy keeps raw")] = 0.1,
+    expand_share: Annotated[float, typer.Option(help="share of the examples trained with expansion (the rest: "
+                                                     "every chunk compressed)")] = 0.5,
+    eval_examples: Annotated[int, typer.Option(help="last rows of --data held out for evaluation")] = 32,
+    train_encoder: TrainEncoder = True, seed: Seed = 0,
+    *, loop,
+) -> None:
+    """Stage 4: answer questions from compressed context (SFT by distillation from the full-context decoder;
+    needs a cpt, mixed or sft checkpoint and `refrag data qa` rows)."""
+    setup_torch()
+    from refrag.train.common import load_for_stage
+    from refrag.train.qa_data import read_items
+    from refrag.train.sft import RECIPE, SFTOptions, train_sft
+
+    options = SFTOptions(target=target, distill=distill, policy=policy, expand_fraction=expand_fraction,  # type: ignore[arg-type]
+                         expand_share=expand_share, eval_examples=eval_examples, train_encoder=train_encoder,
+                         seed=seed)
+    items = read_items(data)
+    model = load_for_stage(RECIPE, init)
+    typer.echo(f"sft: {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
+    result = train_sft(model, items, options, loop)
+    for key, s in sorted(result.eval.items()):
+        name = f"{policy} {expand_fraction:.0%} raw" if key else "all compressed"
+        typer.echo(f"held-out answers ({name}): log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f}")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 
 

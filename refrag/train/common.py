@@ -18,7 +18,7 @@ from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult, train
 from refrag.train.objectives import StageTask
 
-Stage = Literal["reconstruct", "cpt", "mixed", "policy"]
+Stage = Literal["reconstruct", "cpt", "mixed", "policy", "sft"]
 TrainDecoder = Literal["frozen", "full", "lora"]
 
 

@@ -67,13 +67,18 @@ def teacher_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
 
 def distillation_loss(model: RefragModel, examples: Sequence[Example], student: torch.Tensor,
                       student_labels: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) per target token; teacher = the original decoder with the full context.
+    """Mean KL(teacher || student) per target token; teacher = the original decoder with the full context."""
+    return kl_to_teacher(model, teacher_layouts(model, examples), student, student_labels)
 
-    ``student`` [B, K, V] / ``student_labels`` [B, K] as returned by ``RefragModel.label_logits``.
-    """
+
+def kl_to_teacher(model: RefragModel, teacher: Sequence[Layout], student: torch.Tensor,
+                  student_labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) per target token. ``teacher``: text-only layouts with the same targets in the
+    same order as the student's (so the original decoder reads them); ``student`` [B, K, V] / ``student_labels``
+    [B, K] as returned by ``RefragModel.label_logits``."""
     with torch.no_grad():
-        teacher, teacher_labels = model.label_logits(model.build_inputs(teacher_layouts(model, examples)))
-        teacher_logp = teacher[teacher_labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V]
+        logits, labels = model.label_logits(model.build_inputs(teacher))
+        teacher_logp = logits[labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V]
     student_logp = student[student_labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V], same rows in order
     return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
 
@@ -190,10 +195,16 @@ class Score:
 @torch.no_grad()
 def score_examples(model: RefragModel, examples: Sequence[Example], batch_size: int = 8) -> Score:
     """Token-weighted log-perplexity and accuracy of the examples' targets (context compressed)."""
+    layouts = [x for i in range(0, len(examples), batch_size) for x in example_layouts(model, examples[i : i + batch_size])]
+    return score_layouts(model, layouts, batch_size)
+
+
+@torch.no_grad()
+def score_layouts(model: RefragModel, layouts: Sequence[Layout], batch_size: int = 8) -> Score:
+    """Token-weighted log-perplexity and top-1 accuracy over the labelled positions of ``layouts``."""
     total_nll, correct, count = 0.0, 0, 0
-    for start in range(0, len(examples), batch_size):
-        layouts = example_layouts(model, examples[start : start + batch_size])
-        logits, labels = model.label_logits(model.build_inputs(layouts))  # [B, K, V], [B, K]
+    for start in range(0, len(layouts), batch_size):
+        logits, labels = model.label_logits(model.build_inputs(layouts[start : start + batch_size]))  # [B, K, V], [B, K]
         nll, mask = token_nll(logits, labels)  # [B, K]
         total_nll += float(nll.sum())
         correct += int(((logits.argmax(-1) == labels) & mask).sum())

@@ -1,0 +1,178 @@
+"""Stage 4, answering from compressed context (SFT), by distillation from the full-context decoder.
+
+- Trains: as CPT: the encoder (unless ``train_encoder`` is off), the projector and the decoder's LoRA adapter
+  (which applies to compressed inputs only, so full mode stays the original decoder); starts from a cpt,
+  mixed or sft checkpoint.
+- Input: the RAG prompt generation builds (``prompting.rag_segments``: template, the row's passages, question,
+  assistant turn), every chunk compressed except, for ``expand_share`` of the examples (seeded), the chunks the
+  expansion policy keeps raw at ``expand_fraction``: what inference will do.
+- Target: the answer tokens + EOS, loss on them only: the full-context decoder's own answer (``target="teacher"``,
+  sequence-level distillation as PISCO, default) or the row's ``answer`` (``"gold"``); ``distill`` > 0 mixes in
+  the token-level KL to the original decoder reading every chunk as text, on the same target (as CPT's).
+- Examples: a seeded permutation of the training rows per epoch (a pure function of the step: exact resume).
+- Held out: the last ``eval_examples`` rows of the file, never trained on: the target's log-ppl and token
+  accuracy with every chunk compressed (key 0) and with the policy's expansion (key 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+
+from refrag.chunking import Passage, split_passages
+from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, check_choice, check_fraction
+from refrag.errors import InputError
+from refrag.modeling import Layout, RefragModel, mean_nll
+from refrag.policy import choose_expanded
+from refrag.prompting import PromptTemplate, rag_segments
+from refrag.train.common import Recipe, StageOptions, set_trainable
+from refrag.train.loop import TrainOptions, TrainResult, train
+from refrag.train.objectives import Score, kl_to_teacher, score_layouts
+from refrag.train.qa_data import QAItem
+
+RECIPE = Recipe(stage="sft", after=("cpt", "mixed", "sft"), paper_lr=2e-5)
+Target = Literal["teacher", "gold"]
+TEXT_POLICIES = ("none", "first", "last", "random", "lexical")  # policies that need no chunk encodings
+
+
+@dataclass(frozen=True)
+class SFTOptions:
+    target: Target = "teacher"
+    distill: float = 0.0  # weight of the token-level KL to the full-context decoder
+    policy: PolicyName = "lexical"
+    expand_fraction: float = 0.1
+    expand_share: float = 0.5  # share of the examples trained with the policy's expansion (the rest: none)
+    max_target_tokens: int = 32
+    eval_examples: int = 32
+    train_encoder: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.target, Target, "--target")
+        if self.policy not in TEXT_POLICIES:
+            raise InputError(f"--policy {self.policy!r}: training chooses chunks without encodings; use one of "
+                             f"{', '.join(TEXT_POLICIES)}.")
+        check_fraction(self.expand_fraction, "--expand-fraction", below_one=True)
+        if not 0.0 <= self.expand_share <= 1.0 or not 0.0 <= self.distill <= 1.0:
+            raise InputError("--expand-share and --distill must be in [0, 1].")
+        if self.max_target_tokens < 1 or self.eval_examples < 1:
+            raise InputError("--max-target-tokens and --eval-examples must be >= 1.")
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One row ready for the decoder: passages cut into chunks, the target tokens, the chunks kept raw."""
+
+    question: str
+    passages: tuple[Passage, ...]
+    target: tuple[int, ...]  # answer tokens + EOS
+    expanded: frozenset[int] = frozenset()
+
+    @property
+    def context(self) -> tuple[int, ...]:
+        """Every context token (the loop sorts micro-batches by length)."""
+        return tuple(t for p in self.passages for t in p.token_ids)
+
+    @property
+    def chunks(self) -> list:
+        return [c for p in self.passages for c in p.chunks]
+
+
+@dataclass
+class SFTTask:
+    """The shared loop's task (``objectives.Task``) for SFT rows."""
+
+    train_rows: list[SFTExample]
+    val_rows: list[SFTExample]
+    options: SFTOptions
+    template: PromptTemplate
+    stage: str = "sft"
+    _question_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    def examples(self, step: int, count: int) -> list[SFTExample]:
+        n, out = len(self.train_rows), []
+        for i in range(step * count, (step + 1) * count):
+            epoch, at = divmod(i, n)
+            order = np.random.default_rng((self.options.seed, epoch)).permutation(n)
+            out.append(self.train_rows[int(order[at])])
+        rng = np.random.default_rng((self.options.seed, 1 << 30, step))
+        return [self._expanded(ex) if rng.random() < self.options.expand_share else ex for ex in out]
+
+    def _expanded(self, ex: SFTExample) -> SFTExample:
+        selection = CompressionOptions(mode="refrag", policy=self.options.policy,
+                                       expand_fraction=self.options.expand_fraction, seed=self.options.seed)
+        chosen = choose_expanded(ex.chunks, selection, encodings=None, question=ex.question)
+        return replace(ex, expanded=frozenset(chosen.expanded))
+
+    def layouts(self, model: RefragModel, examples: Sequence[SFTExample], *, text: bool = False) -> list[Layout]:
+        """Labelled layouts: the RAG prompt (chunks compressed but the expanded ones; ``text``: every chunk raw, the
+        full-context teacher's input) + the target. Every compressed chunk of the batch is encoded in one call."""
+        expanded = [frozenset(range(len(ex.chunks))) if text else ex.expanded for ex in examples]
+        compressed = [c for ex, raw in zip(examples, expanded) for i, c in enumerate(ex.chunks) if i not in raw]
+        vectors = model.embed_chunks(compressed) if compressed else None  # [N, D]
+        out, row = [], 0
+        for ex, raw in zip(examples, expanded):
+            n = len(ex.chunks) - len(raw)
+            mine = vectors[row : row + n] if vectors is not None and n else None
+            row += n
+            segments = rag_segments(self.template, self._question(model, ex.question), ex.passages, mine, set(raw))
+            out.append(model.scored_layout(segments, ex.target))
+        return out
+
+    def _question(self, model: RefragModel, question: str) -> list[int]:
+        if question not in self._question_ids:
+            self._question_ids[question] = self.template.question_ids(model.tokenizer, question)
+        return self._question_ids[question]
+
+    def loss(self, model: RefragModel, examples: Sequence[SFTExample]) -> torch.Tensor:
+        logits, labels = model.label_logits(model.build_inputs(self.layouts(model, examples)))  # [B, K, V], [B, K]
+        ce = mean_nll(logits, labels)
+        if not self.options.distill:
+            return ce
+        teacher = self.layouts(model, examples, text=True)
+        return (1 - self.options.distill) * ce + self.options.distill * kl_to_teacher(model, teacher, logits, labels)
+
+    def positions(self, examples: Sequence[SFTExample]) -> int:
+        return sum(len(ex.target) + len(ex.chunks) for ex in examples)
+
+    @torch.no_grad()
+    def evaluate(self, model: RefragModel, batch_size: int) -> dict[int, Score]:
+        """Held-out target log-ppl / accuracy, every chunk compressed (0) and with the policy's expansion (1)."""
+        plain = self.val_rows
+        expanded = [self._expanded(ex) for ex in plain]
+        return {key: score_layouts(model, [layout for i in range(0, len(rows), batch_size)
+                                           for layout in self.layouts(model, rows[i : i + batch_size])], batch_size)
+                for key, rows in ((0, plain), (1, expanded))}
+
+
+def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOptions) -> list[SFTExample]:
+    """Rows -> examples: passages cut into the model's chunks, the chosen answer + EOS as the target."""
+    tok, chunking = model.tokenizer, ChunkingOptions(k=model.k)
+    eos = tok.eos_token_id
+    out = []
+    for it in items:
+        answer = (it.teacher if options.target == "teacher" else it.answer).strip()
+        if not answer:
+            continue
+        target = tok.encode(answer, add_special_tokens=False)[: options.max_target_tokens]
+        passages = tuple(p for text in it.passages for p in split_passages(text, tok, chunking))
+        out.append(SFTExample(it.question, passages, tuple(target + ([eos] if eos is not None else []))))
+    return out
+
+
+def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, train_options: TrainOptions,
+              *, lora_rank: int = 32) -> TrainResult:
+    """Mark what trains (the adapter of a cpt checkpoint trains further), hold out the last rows, run the loop."""
+    if len(items) <= options.eval_examples:
+        raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
+                         "are held out).")
+    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder, lora_rank=lora_rank),
+                  bf16=train_options.bf16)
+    examples = sft_examples(model, items, options)
+    cut = len(examples) - options.eval_examples
+    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    return train(model, task, replace(train_options, lr=train_options.lr or RECIPE.paper_lr))

@@ -1,0 +1,172 @@
+"""`refrag data qa` (the training-set builder) and `refrag train sft` (answering from compressed context)."""
+
+import csv
+import json
+import random
+
+import pytest
+import torch
+from conftest import tiny_refrag
+
+from refrag.errors import CheckpointError, InputError
+from refrag.modeling import IGNORE_INDEX
+from refrag.train import qa_data
+from refrag.train.common import check_stage_order
+from refrag.train.loop import TrainOptions
+from refrag.train.qa_data import QADataOptions, QAItem, build_qa_set, clean_question, grounded, read_items
+from refrag.train.sft import RECIPE, SFTOptions, SFTTask, sft_examples, train_sft
+
+PASSAGES = [
+    "The river Elbe flows from the Krkonose mountains to the North Sea, passing through Dresden and Hamburg on the "
+    "way, after a course of more than a thousand kilometres across Central Europe.",
+    "Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity, and in 1903 she "
+    "shared the Nobel Prize in Physics with Pierre Curie and Henri Becquerel.",
+    "The city of Lisbon lies on the Atlantic coast, where the Tagus river meets the ocean, and it was largely "
+    "rebuilt by the Marquis of Pombal after the earthquake of 1755 destroyed it.",
+    "A violin has four strings tuned in perfect fifths, and it is usually played with a bow made of horsehair; "
+    "the instruments made by Antonio Stradivari in Cremona are the most famous of all.",
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"title": f"t{i}", "text": p}) + "\n" for i, p in enumerate(PASSAGES)))
+    return path
+
+
+def fake_writer(model, pairs, max_new_tokens=24):
+    return [f"which question is number {i} of this batch?" for i in range(len(pairs))]
+
+
+def test_grounded_needs_new_words_found_in_the_passage():
+    passage = PASSAGES[1]
+    assert grounded("She shared it with Pierre Curie", "who shared the prize?", passage)
+    assert not grounded("It was Albert Einstein in Zurich", "who shared the prize?", passage)
+    assert not grounded("the prize", "who shared the prize?", passage)  # nothing beyond the question's words
+
+
+def test_clean_question_refuses_answer_leaks_and_fragments():
+    assert clean_question(" when did it happen\nAnswer: 1903", "1903") == "when did it happen?"
+    assert clean_question("when did 1903 happen?", "1903") is None
+    assert clean_question("why?", "x") is None
+
+
+@pytest.mark.parametrize("keep", ["grounded", "all"])
+def test_builder_keeps_only_answerable_rows_and_never_an_excluded_question(tmp_path, corpus, monkeypatch, keep):
+    def teacher(model, items, max_new_tokens=16):  # right (contains the span) for every other row, else off-topic
+        return [it.answer if i % 2 == 0 else "zzz qqq" for i, it in enumerate(items)]
+
+    monkeypatch.setattr(qa_data, "write_questions", fake_writer)
+    monkeypatch.setattr(qa_data, "_teacher_answers", teacher)
+    exclude = tmp_path / "eval.jsonl"  # the question the writer produces for the first candidate is evaluation-only
+    options = QADataOptions(examples=50, passages=3, min_words=10, batch_size=8, attempts=1, keep=keep, seed=0)
+    banned = fake_writer(None, [("", "")])[0]  # the question written for the first candidate
+    exclude.write_text(json.dumps({"question": banned.upper(), "answer": "x"}) + "\n")
+    out = tmp_path / "qa.jsonl"
+    items = build_qa_set(tiny_refrag(), [corpus], out, options, exclude=[exclude], progress=False)
+    assert read_items(out) == items
+    assert all(qa_data.normalize_answer(it.question) != qa_data.normalize_answer(banned) for it in items)
+    for it in items:
+        assert len(it.passages) == 3 and it.context in PASSAGES
+        assert it.answer in it.context or not it.verified
+        assert len(set(it.passages)) == 3  # distractors are other passages
+        if it.verified:
+            assert it.teacher == it.answer
+    assert all(it.grounded for it in items) == (keep == "grounded")
+    if keep == "grounded":
+        assert all(it.verified for it in items)  # "zzz qqq" is grounded in no passage
+
+
+def test_a_file_that_is_not_qa_rows_is_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(InputError, match="needs question, answer, passages, gold"):
+        read_items(bad)
+
+
+def items(n: int = 12) -> list[QAItem]:
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        passages = tuple(rng.sample(PASSAGES, 3))
+        out.append(QAItem(f"question number {i} about the text?", "Curie", "Marie Curie", passages, 0, "t", True, True))
+    return out
+
+
+def test_the_loss_is_on_the_answer_tokens_only():
+    model = tiny_refrag("llama", k=4)
+    options = SFTOptions(eval_examples=2)
+    examples = sft_examples(model, items(4), options)
+    from refrag.prompting import PromptTemplate
+
+    task = SFTTask(examples, examples, options, PromptTemplate.for_tokenizer(model.tokenizer))
+    target = model.tokenizer.encode("Marie Curie", add_special_tokens=False) + [model.tokenizer.eos_token_id]
+    for ex, layout in zip(examples, task.layouts(model, examples)):
+        assert list(ex.target) == target
+        labels = layout.labels[layout.labels != IGNORE_INDEX].tolist()
+        assert labels == target  # every answer token and EOS, nothing of the prompt or the passages
+        assert layout.labels[-len(target):].tolist() == target
+        assert int(layout.is_vector.sum()) == len(ex.chunks)  # no chunk expanded here: all compressed
+    teacher = task.layouts(model, examples, text=True)
+    assert all(int(x.is_vector.sum()) == 0 for x in teacher)
+    assert [x.labels[x.labels != IGNORE_INDEX].tolist() for x in teacher] == [target] * len(examples)
+
+
+def test_expansion_is_applied_to_the_chosen_share_of_examples():
+    model = tiny_refrag("llama", k=4)
+    from refrag.prompting import PromptTemplate
+
+    options = SFTOptions(policy="first", expand_fraction=0.25, expand_share=0.5, eval_examples=2)
+    task = SFTTask(sft_examples(model, items(), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    batch = [ex for step in range(8) for ex in task.examples(step, 4)]
+    share = sum(bool(ex.expanded) for ex in batch) / len(batch)
+    assert 0.2 < share < 0.8
+    assert all(ex.expanded == frozenset(range(len(ex.expanded))) for ex in batch)  # "first" keeps the first chunks
+    assert task.examples(3, 4) == task.examples(3, 4)  # a pure function of the step
+
+
+def test_sft_refuses_a_reconstruct_checkpoint_and_bad_options():
+    with pytest.raises(CheckpointError, match="cannot start from a `reconstruct` checkpoint"):
+        check_stage_order(RECIPE, "reconstruct")
+    check_stage_order(RECIPE, "cpt")
+    with pytest.raises(InputError, match="--policy"):
+        SFTOptions(policy="similarity")
+    with pytest.raises(InputError, match="--target"):
+        SFTOptions(target="labels")  # type: ignore[arg-type]
+
+
+def losses(out) -> list[tuple[int, str]]:
+    with (out / "metrics.csv").open() as f:
+        return [(int(r["step"]), r["value"]) for r in csv.DictReader(f) if r["name"] == "train/loss"]
+
+
+def loop(out, **kw) -> TrainOptions:
+    base = {"out_dir": out, "steps": 6, "batch_size": 4, "micro_batch_size": 2, "eval_every": 3, "save_every": 3,
+            "bf16": False, "progress": False, "lr": 3e-3}
+    return TrainOptions(**{**base, **kw})
+
+
+def test_sft_learns_resumes_exactly_and_trains_only_the_compressed_path(tmp_path):
+    options = SFTOptions(eval_examples=2, distill=0.3)
+    model = tiny_refrag("llama", k=4)
+    decoder_before = {n: p.detach().clone() for n, p in model.decoder.named_parameters()}
+    result = train_sft(model, items(), options, loop(tmp_path / "a"))
+    assert result.final_dir is not None and '"stage": "sft"' in (result.final_dir / "refrag.json").read_text()
+    curve = [float(v) for _, v in losses(tmp_path / "a")]
+    assert curve[-1] < curve[0]
+    for n, p in model.decoder.named_parameters():  # only the adapter moved: full mode is the original decoder
+        if "lora_" not in n:
+            assert torch.equal(p, decoder_before[n.replace("base_model.model.", "").replace(".base_layer", "")]), n
+    model2 = tiny_refrag("llama", k=4)
+    assert train_sft(model2, items(), options, loop(tmp_path / "b", stop_after=3)).final_dir is None
+    model3 = tiny_refrag("llama", k=4)
+    train_sft(model3, items(), options, loop(tmp_path / "b", resume=True))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_too_few_rows_for_the_held_out_split_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="held out"):
+        train_sft(tiny_refrag(), items(4), SFTOptions(eval_examples=4), loop(tmp_path))

@@ -108,3 +108,69 @@ def index_cmd(
         return
     for key, value in report.items():
         typer.echo(f"{key:>22}: {value}")
+
+
+@app.command("serve")
+@model_options()
+def serve_cmd(
+    index_path: Annotated[Path | None, typer.Option("--index", help="index the server retrieves from (else "
+                                                                     "--data's passages are sent)")] = None,
+    data: Annotated[Path, typer.Option(help="QA .jsonl: questions (+ gold passages and distractors when there is "
+                                            "no --index)")] = Path("../shared/data/nq_bigbench.jsonl"),
+    clients: Annotated[str, typer.Option(help="comma-separated concurrency levels")] = "1,8,32",
+    requests: Annotated[int, typer.Option(help="requests per level")] = 500,
+    modes: Annotated[str, typer.Option(help="modes, interleaved in one load")] = "full,refrag",
+    stream_share: Annotated[float, typer.Option(help="share of streaming requests")] = 0.5,
+    max_tokens: Annotated[int, typer.Option(help="answer length cap")] = 16,
+    passages: Annotated[int, typer.Option(help="passages per question (gold + distractors, or top-k)")] = 3,
+    max_batch: Annotated[int, typer.Option(help="the engine's batch size (the last run repeats the highest level "
+                                                "with 1)")] = 8,
+    plot: Annotated[Path | None, typer.Option(help="also write a PNG of latency vs concurrency here")] = None,
+    json_out: Json = False,
+    *,
+    choice: ModelChoice,
+) -> None:
+    """Load-test the OpenAI-compatible server on localhost: throughput, p50 / p99 TTFT and latency per mode,
+    errors by status, lost responses, and the batching gain."""
+    setup_torch()
+    from refrag.bench.serve import LoadSpec, Prompt, bench_serve, plot_serve
+    from refrag.cli.common import comma_list
+    from refrag.eval.qa import gold_passages, load_qa
+
+    levels = comma_list(clients, int, "--clients")
+    spec = LoadSpec(requests=requests, modes=comma_list(modes, str, "--modes"), stream_share=stream_share,  # type: ignore[arg-type]
+                    max_tokens=max_tokens, top_k=passages)
+    examples = load_qa(data, limit=min(requests, 200))
+    pipeline = None
+    if index_path is not None:
+        from refrag.index import Index
+        from refrag.pipeline import Pipeline
+
+        index = Index.open(index_path)
+        pipeline = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+        model = pipeline.model
+        prompts = [Prompt(ex.question, None) for ex in examples]
+    else:
+        model = choice.load(progress=not json_out)
+        prompts = [Prompt(ex.question, tuple(gold_passages(examples, i, passages, 0))) for i, ex in enumerate(examples)]
+    runs = bench_serve(model, pipeline, prompts, spec, levels, max_batch)
+    if plot is not None:
+        plot_serve(runs, plot)
+    if json_out:
+        print_json([r.to_json() for r in runs])
+        return
+    table = Table(title=f"refrag serve on localhost: {requests} requests per run, {stream_share:.0%} streaming")
+    for col in ("clients", "batch", "mode", "ok", "lost", "errors", "req/s", "tok/s", "TTFT p50/p99",
+                "latency p50/p99", "mean batch"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        for s in r.modes:
+            ttft = f"{s.ttft_p50_s:.2f}/{s.ttft_p99_s:.2f}s" if s.ttft_p50_s is not None else "-"
+            table.add_row(str(r.clients), str(r.max_batch), s.mode, str(s.ok), str(s.lost),
+                          ",".join(f"{k}:{v}" for k, v in s.errors.items()) or "0", f"{s.requests_per_s:.2f}",
+                          f"{s.tokens_per_s:.1f}", ttft, f"{s.latency_p50_s:.2f}/{s.latency_p99_s:.2f}s",
+                          f"{r.mean_batch:.1f}")
+    console = Console()
+    console.print(table)
+    if plot is not None:
+        console.print(f"plot: {plot}")

@@ -4,7 +4,6 @@ HTTP (tiny random models: the answers' content does not matter, their shape and 
 import asyncio
 import contextlib
 import json
-import socket
 import threading
 import time
 
@@ -16,38 +15,14 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from refrag import generation  # noqa: E402
-from refrag.serve.app import ServeOptions, create_app  # noqa: E402
-from refrag.serve.engine import Engine, EngineOptions, Job, QueueFull  # noqa: E402
+from refrag import generation
+from refrag.serve.app import ServeOptions
+from refrag.serve.engine import Engine, EngineOptions, Job, QueueFull
+from refrag.serve.local import free_port, local_server
 
 PASSAGES = ["Paris is the capital of France. The quick brown fox jumps over the lazy dog.",
             "Rivers flow to the sea; mountains rise above the clouds."]
 CONTEXT = {"passages": PASSAGES, "mode": "refrag"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(engine: Engine, **options):
-    """The app under uvicorn in a thread, on 127.0.0.1; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServeOptions(**options)), host="127.0.0.1", port=port,
-                                           log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +32,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def url(model):
-    with running(Engine(model, None, EngineOptions(max_batch=4)), api_key=None) as base:
+    with local_server(Engine(model, None, EngineOptions(max_batch=4))) as base:
         yield base
 
 
@@ -151,7 +126,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(url, body, 
 
 
 def test_api_key_on_every_route_but_health(model):
-    with running(Engine(model), api_key="s3cret") as base:
+    with local_server(Engine(model), ServeOptions(api_key="s3cret")) as base:
         assert httpx.get(f"{base}/health").status_code == 200
         for path in ("/ready", "/v1/models"):
             assert httpx.get(f"{base}{path}").status_code == 401
@@ -164,7 +139,7 @@ def test_api_key_on_every_route_but_health(model):
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(model, monkeypatch):
     monkeypatch.setattr(generation, "_eos_ids", lambda model: set())  # only a cancel can end it early
     engine = Engine(model)
-    with running(engine) as base:
+    with local_server(engine) as base:
         body = {"model": "refrag", "messages": [{"role": "user", "content": "q?"}], "stream": True,
                 "max_tokens": 400, **CONTEXT}
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body) as raw:
@@ -188,7 +163,7 @@ def test_a_full_queue_answers_429_with_retry_after(model, monkeypatch):
 
     monkeypatch.setattr("refrag.serve.engine.generate", slow_generate)
     engine = Engine(model, None, EngineOptions(max_batch=1, max_queue=1, batch_wait_s=0.0))
-    with running(engine) as base:
+    with local_server(engine) as base:
         body = {"model": "refrag", "messages": [{"role": "user", "content": "q?"}], "max_tokens": 2, **CONTEXT}
 
         async def flood():
@@ -221,3 +196,69 @@ def test_stop_finishes_the_running_batch_and_fails_the_queued_jobs(model):
     engine.stop()  # never started: both queued jobs are failed, nothing hangs
     assert not engine.ready and engine.waiting == 0
     loop.close()
+
+
+def test_sigterm_during_load_finishes_or_cleanly_refuses_every_request(tmp_path, model):
+    """`refrag serve` as its own process: SIGTERM while 12 requests are in flight or queued; every one ends with
+    a complete response (a stream with [DONE]) or a clean error status, never a broken connection."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from refrag import checkpoint
+
+    path = checkpoint.save(model, tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "refrag.cli", "serve", "--model", str(path), "--dtype", "float32",
+                             "--port", str(port), "--max-batch", "2"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a tiny model: no thread contention
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/ready").status_code == 200:
+                    break
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.1)
+        else:
+            pytest.fail("the server did not become ready in 60 s")
+
+        async def load():
+            async with httpx.AsyncClient(timeout=60) as c:
+                async def one(i: int):
+                    body = {"model": "refrag", "messages": [{"role": "user", "content": f"q {i}?"}], "max_tokens": 64,
+                            "stream": i % 2 == 0, **CONTEXT}
+                    r = await c.post(f"{base}/v1/chat/completions", json=body)
+                    return r.status_code, r.text
+
+                tasks = [asyncio.ensure_future(one(i)) for i in range(12)]
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(load())
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for result in results:
+        assert not isinstance(result, BaseException), result  # no reset connection
+        status, text = result
+        assert status in (200, 503), text
+        if status == 200 and text.startswith("data:"):
+            assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_bench_serve_counts_every_request_and_measures_the_batching_gain(model, tmp_path):
+    from refrag.bench.serve import LoadSpec, Prompt, bench_serve, plot_serve
+
+    prompts = [Prompt(f"question {i}?", tuple(PASSAGES)) for i in range(5)]
+    spec = LoadSpec(requests=24, max_tokens=4, stream_share=0.5)
+    runs = bench_serve(model, None, prompts, spec, concurrency=[1, 6], max_batch=4)
+    assert [(r.clients, r.max_batch) for r in runs] == [(1, 4), (6, 4), (6, 1)]
+    for r in runs:
+        assert sum(s.requests for s in r.modes) == 24 and all(s.ok == s.requests and not s.lost for s in r.modes)
+        assert {s.mode for s in r.modes} == {"full", "refrag"} and all(s.ttft_p50_s is not None for s in r.modes)
+    assert runs[0].mean_batch == 1.0 and runs[2].mean_batch == 1.0 and runs[1].mean_batch > 1.0
+    assert plot_serve(runs, tmp_path / "serve.png").stat().st_size > 0

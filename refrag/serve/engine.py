@@ -187,8 +187,12 @@ class Engine:
                 prepared.append((job, *self._request(job)))
             except Exception as e:  # noqa: BLE001 -- a bad passage or a failed retrieval fails that job only
                 job.send(Failed(e))
-        if not prepared:
-            return
+        if prepared:
+            self._generate(prepared, started)
+
+    def _generate(self, prepared: list, started: float) -> None:
+        """One generate call for the batch; when it fails (e.g. one prompt exceeds the decoder window), each job
+        runs alone, so only the job at fault gets the error."""
         live = [p[0] for p in prepared]
         try:
             answers = generate(
@@ -196,9 +200,12 @@ class Engine:
                 on_text=lambda row, text: live[row].send(Delta(text)),
                 cancelled=lambda row: live[row].cancelled.is_set(),
             )
-        except Exception as e:  # noqa: BLE001 -- the worker must survive; every job of the batch is told
-            for job in live:
-                job.send(Failed(e))
+        except Exception as e:  # noqa: BLE001 -- the worker must survive any request
+            if len(prepared) > 1:
+                for one in prepared:
+                    self._generate([one], started)
+            else:
+                live[0].send(Failed(e))
             return
         self.batches += 1
         self.batched_jobs += len(live)

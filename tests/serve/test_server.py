@@ -262,3 +262,29 @@ def test_bench_serve_counts_every_request_and_measures_the_batching_gain(model, 
         assert {s.mode for s in r.modes} == {"full", "refrag"} and all(s.ttft_p50_s is not None for s in r.modes)
     assert runs[0].mean_batch == 1.0 and runs[2].mean_batch == 1.0 and runs[1].mean_batch > 1.0
     assert plot_serve(runs, tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_one_prompt_over_the_window_fails_alone_not_its_whole_batch(model):
+    from refrag.config import CompressionOptions, SamplingOptions
+    from refrag.errors import InputError
+    from refrag.serve.engine import Done, Failed
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        engine = Engine(model, None, EngineOptions(max_batch=4))
+        full, sampling = CompressionOptions(mode="full"), SamplingOptions(max_new_tokens=2)
+        jobs = [Job("q?", tuple(PASSAGES), 1, full, sampling, loop),
+                Job("q?", ("fox dog sea " * 400,), 1, full, sampling, loop)]
+        for job in jobs:
+            engine.submit(job)
+        engine.start()  # both are queued before the worker runs: they share one batch
+        ends = []
+        for job in jobs:
+            while not isinstance(event := await asyncio.wait_for(job.events.get(), 30), (Done, Failed)):
+                pass
+            ends.append(event)
+        await asyncio.to_thread(engine.stop)
+        return ends
+
+    ok, failed = asyncio.run(main())
+    assert isinstance(ok, Done) and isinstance(failed, Failed) and isinstance(failed.error, InputError)

@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass
 
 from refrag.config import CompressionOptions, SamplingOptions
+from refrag.errors import InputError
 from refrag.generation import Answer, Request, generate
 from refrag.index import Index, SearchHit
 from refrag.modeling import RefragModel
+from refrag.relevance import Dropped, HitFilter
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class AskResult:
     answer: Answer
     hits: tuple[SearchHit, ...]  # the passages given to the decoder, best first
     retrieval_s: float  # query encoding + vector search + reading the passages (and their chunk vectors)
+    dropped: tuple[Dropped, ...] = ()  # retrieved but filtered out (``HitFilter``)
 
     @property
     def ttft_s(self) -> float:
@@ -43,17 +46,31 @@ class Pipeline:
         top_k: int = 5,
         compression: CompressionOptions = CompressionOptions(),
         sampling: SamplingOptions = SamplingOptions(),
+        hit_filter: HitFilter = HitFilter(),
     ) -> AskResult:
-        request, hits, retrieval_s = self.retrieve(question, top_k=top_k, compression=compression)
-        answer = generate(self.model, [request], compression=compression, sampling=sampling)[0]
-        return AskResult(question, answer, hits, retrieval_s)
+        found = self.retrieve(question, top_k=top_k, compression=compression, hit_filter=hit_filter)
+        answer = generate(self.model, [found.request], compression=compression, sampling=sampling)[0]
+        return AskResult(question, answer, found.hits, found.seconds, found.dropped)
 
-    def retrieve(self, question: str, *, top_k: int = 5, compression: CompressionOptions = CompressionOptions()
-                 ) -> tuple[Request, tuple[SearchHit, ...], float]:
-        """The question's request (passages, and their stored chunk encodings in refrag mode), the hits and the
-        seconds retrieval took; what ``ask`` answers, and what a server batches."""
+    def retrieve(self, question: str, *, top_k: int = 5, compression: CompressionOptions = CompressionOptions(),
+                 hit_filter: HitFilter = HitFilter()) -> Retrieved:
+        """The question's request (the kept passages, and their stored chunk encodings in refrag mode), the hits
+        kept and dropped, and the seconds retrieval took: what ``ask`` answers, and what a server batches."""
         t0 = time.perf_counter()
-        hits = tuple(self.index.search(question, top_k))
+        hits, dropped = hit_filter.apply(self.index.search(question, top_k))
+        if not hits:
+            best = max(d.hit.score for d in dropped) if dropped else float("nan")
+            raise InputError(f"no retrieved passage passed the relevance filter (best score {best:.3f}): lower "
+                             "--min-score / --relative-score.")
         passages = tuple(self.index.passage(h.id, self.model.tokenizer) for h in hits)
         encoded = tuple(self.index.encoded(h.id) for h in hits) if compression.mode == "refrag" else None
-        return Request(question=question, passages=passages, encoded=encoded), hits, time.perf_counter() - t0
+        request = Request(question=question, passages=passages, encoded=encoded)
+        return Retrieved(request, tuple(hits), tuple(dropped), time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    request: Request
+    hits: tuple[SearchHit, ...]  # kept, best first
+    dropped: tuple[Dropped, ...]
+    seconds: float

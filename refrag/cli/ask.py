@@ -13,11 +13,13 @@ from refrag.cli.common import (
     Json,
     ModelChoice,
     expansion_options,
+    filter_options,
     model_options,
     print_json,
     setup_torch,
 )
 from refrag.config import Mode
+from refrag.relevance import HitFilter
 
 IndexPath = Annotated[Path, typer.Argument(help="index folder")]
 TopK = Annotated[int, typer.Option("--top-k", help="passages to retrieve")]
@@ -61,6 +63,7 @@ def search_cmd(index_path: IndexPath, query: Annotated[str, typer.Argument(help=
 
 @model_options()
 @expansion_options()
+@filter_options()
 def ask_cmd(
     index_path: IndexPath,
     question: Annotated[str, typer.Argument(help="the question")],
@@ -71,6 +74,7 @@ def ask_cmd(
     *,
     choice: ModelChoice,
     expansion: ExpansionChoice,
+    hit_filter: HitFilter,
 ) -> None:
     """Retrieve, compress with the stored chunk vectors, generate; prints the answer, sources and timings.
 
@@ -87,8 +91,9 @@ def ask_cmd(
     index = Index.open(index_path)
     pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
-    results = {m: pipe.ask(question, top_k=top_k, compression=expansion.compression(m), sampling=sampling)
-               for m in modes}
+    results = {m: pipe.ask(question, top_k=top_k, compression=expansion.compression(m), sampling=sampling,
+                           hit_filter=hit_filter) for m in modes}
+    dropped = results[modes[0]].dropped
     ratio = results["full"].ttft_s / results["refrag"].ttft_s if len(modes) > 1 else None
     if json_out:
         answers = [{"mode": m, "answer": r.answer.text, "ttft_s": r.ttft_s, "retrieval_s": r.retrieval_s,
@@ -97,7 +102,9 @@ def ask_cmd(
                     "expanded_chunks": list(r.answer.expanded_chunks)} for m, r in results.items()]
         sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
                    for h in results[modes[0]].hits]
-        print_json({"question": question, "answers": answers, "sources": sources, "ttft_ratio": ratio})
+        gone = [{"id": d.hit.id, "score": d.hit.score, "title": d.hit.meta.title, "reason": d.reason} for d in dropped]
+        print_json({"question": question, "answers": answers, "sources": sources, "dropped": gone,
+                    "ttft_ratio": ratio})
         return
     for m, r in results.items():
         t = r.answer.timings
@@ -109,5 +116,7 @@ def ask_cmd(
             typer.echo(f"  raw chunks ({r.answer.policy}): {_chunk_list(r.answer.expanded_chunks)}")
     for rank, h in enumerate(results[modes[0]].hits, 1):
         typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
+    for d in dropped:
+        typer.echo(f"  dropped ({d.reason}): {d.hit.meta.title} (score {d.hit.score:.3f})")
     if ratio is not None:
         typer.secho(f"TTFT full / refrag: {ratio:.1f}x", bold=True)

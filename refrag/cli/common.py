@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar, get_args
 import typer
 
 from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, PolicyName
+from refrag.relevance import HitFilter
 
 T = TypeVar("T")
 
@@ -183,3 +184,24 @@ def setup_torch() -> None:
 
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def filter_options():
+    """``--min-score / --relative-score / --dedup``: relevance filtering of retrieved passages (the command
+    receives ``hit_filter: HitFilter``)."""
+    opt = typer.Option
+    params = (
+        flag("min_score", Annotated[float | None, opt(help="drop retrieved passages scoring below this (cosine)",
+                                                      show_default=False)], None),
+        flag("relative_score", Annotated[float | None, opt(help="drop passages scoring below this fraction of the "
+                                                                "best one's score, in (0, 1]", show_default=False)],
+             None),
+        flag("dedup", Annotated[float | None, opt(help="drop a passage whose word overlap (Jaccard) with a kept one "
+                                                       "is at least this, in (0, 1] (e.g. 0.8)", show_default=False)],
+             None),
+    )
+
+    def build(min_score: float | None, relative_score: float | None, dedup: float | None) -> HitFilter:
+        return HitFilter(min_score, relative_score, dedup)
+
+    return option_group("hit_filter", build, params)

@@ -12,11 +12,14 @@ from refrag.cli.common import (
     Json,
     ModelChoice,
     comma_list,
+    filter_options,
     model_options,
     print_json,
     setup_torch,
 )
 from refrag.config import PolicyName
+from refrag.errors import InputError
+from refrag.relevance import HitFilter
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Evaluate quality (perplexity, QA).")
 
@@ -82,6 +85,7 @@ def perplexity_cmd(
 
 @app.command("qa")
 @model_options()
+@filter_options()
 def qa_cmd(
     data: Annotated[Path, typer.Option("--data", help="question/answer JSONL")],
     modes: Annotated[
@@ -110,8 +114,10 @@ def qa_cmd(
     json_out: Json = False,
     *,
     choice: ModelChoice,
+    hit_filter: HitFilter,
 ) -> None:
-    """Exact match, token F1, answer-contained and median TTFT per mode."""
+    """Exact match, token F1, answer-contained and median TTFT per mode (with --index: retrieved passages,
+    optionally relevance-filtered)."""
     setup_torch()
     from dataclasses import asdict
 
@@ -121,7 +127,9 @@ def qa_cmd(
     parsed = parse_modes(modes, comma_list(policy, str, "--policy"),
                          comma_list(expand_fraction, float, "--expand-fraction"),
                          comma_list(expand_tokens, int, "--expand-tokens"))
-    options = QAOptions(parsed, passages=passages, max_new_tokens=max_new_tokens, seed=seed)
+    if hit_filter.active and index is None:
+        raise InputError("--min-score / --relative-score / --dedup filter retrieved passages: give --index.")
+    options = QAOptions(parsed, passages=passages, max_new_tokens=max_new_tokens, seed=seed, hit_filter=hit_filter)
     fields = QAFields(question=question_field, answer=answer_field, context=context_field)
     examples = load_qa(data, fields, limit=limit, seed=seed, counterfactual=counterfactual)
     m = choice.load(progress=not json_out)

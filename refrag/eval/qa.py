@@ -33,6 +33,7 @@ from refrag.eval.metrics import Difference, contains_answer, exact_match, paired
 from refrag.generation import Request, generate
 from refrag.modeling import RefragModel
 from refrag.policy import choose_expanded
+from refrag.relevance import HitFilter
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class QAOptions:
     passages: int = 1  # passages per question for modes without @N
     max_new_tokens: int = 16
     seed: int = 0
+    hit_filter: HitFilter = HitFilter()  # relevance filtering of retrieved passages (with an index)
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,8 @@ class _Answerer:
         compression = mode.selection(self.options.seed) if mode.kind == "refrag" else CompressionOptions(mode="full")
         expanded: tuple[int, ...] = ()
         if self.pipeline is not None and not text_only:
-            result = self.pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling)  # type: ignore[attr-defined]
+            result = self.pipeline.ask(ex.question, top_k=count, compression=compression, sampling=sampling,  # type: ignore[attr-defined]
+                                       hit_filter=self.options.hit_filter)
             answer, ttft = result.answer, result.ttft_s
         else:
             request, extra_s, expanded = self._request(i, mode, count)

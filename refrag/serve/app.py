@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from refrag.config import CompressionOptions, SamplingOptions, check_question
 from refrag.errors import InputError, RefragError
+from refrag.relevance import HitFilter
 from refrag.serve.engine import Delta, Done, Engine, Failed, Job, QueueFull, ShuttingDown
 from refrag.serve.schemas import ChatRequest, CompletionFields, CompletionRequest, SearchRequest
 
@@ -163,7 +164,8 @@ def create_app(engine: Engine, options: ServeOptions = ServeOptions()) -> FastAP
         except InputError as e:
             raise APIError(400, str(e)) from e
         passages = tuple(body.passages) if body.passages is not None else None
-        return Job(question, passages, body.top_k, compression, sampling, asyncio.get_running_loop())
+        return Job(question, passages, body.top_k, compression, sampling, asyncio.get_running_loop(),
+                   HitFilter(body.min_score, body.relative_score, body.dedup))
 
     async def _next(job: Job, request: Request, deadline: float):
         """The job's next event; cancels the job when the client has gone or the deadline passed."""
@@ -247,6 +249,7 @@ def _extra(done: Done) -> dict:
     a = done.answer
     return {
         "sources": [_source(h) for h in done.hits],
+        "dropped": [_source(d.hit) | {"reason": d.reason} for d in done.dropped],
         "timings": asdict(a.timings) | {"retrieval_s": done.retrieval_s, "queue_s": done.queue_s},
         "decoder_positions": a.decoder_positions,
         "context_tokens": a.context_tokens,

@@ -28,6 +28,7 @@ from refrag.generation import Answer, Request, generate
 from refrag.index import SearchHit
 from refrag.modeling import RefragModel
 from refrag.pipeline import Pipeline
+from refrag.relevance import Dropped, HitFilter
 
 
 class QueueFull(RefragError):
@@ -54,6 +55,7 @@ class Delta:
 class Done:
     answer: Answer
     hits: tuple[SearchHit, ...]
+    dropped: tuple[Dropped, ...]  # retrieved but filtered out
     retrieval_s: float
     queue_s: float  # waiting for the worker
 
@@ -76,6 +78,7 @@ class Job:
     compression: CompressionOptions
     sampling: SamplingOptions
     loop: asyncio.AbstractEventLoop
+    hit_filter: HitFilter = HitFilter()  # relevance filtering of retrieved passages
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -209,14 +212,16 @@ class Engine:
             return
         self.batches += 1
         self.batched_jobs += len(live)
-        for (job, _, hits, retrieval_s), answer in zip(prepared, answers):
+        for (job, _, hits, dropped, retrieval_s), answer in zip(prepared, answers):
             self.finish_reasons[answer.finish_reason] += 1
-            job.send(Done(answer, hits, retrieval_s, started - job.enqueued))
+            job.send(Done(answer, hits, dropped, retrieval_s, started - job.enqueued))
 
-    def _request(self, job: Job) -> tuple[Request, tuple[SearchHit, ...], float]:
+    def _request(self, job: Job) -> tuple[Request, tuple[SearchHit, ...], tuple[Dropped, ...], float]:
         if job.passages is not None:
             chunking = ChunkingOptions(k=self.model.k)
-            return Request.from_texts(job.question, list(job.passages), self.model.tokenizer, chunking), (), 0.0
+            return Request.from_texts(job.question, list(job.passages), self.model.tokenizer, chunking), (), (), 0.0
         if self.pipeline is None:
             raise InputError("this server has no index: pass the context in the request's `passages` field.")
-        return self.pipeline.retrieve(job.question, top_k=job.top_k, compression=job.compression)
+        found = self.pipeline.retrieve(job.question, top_k=job.top_k, compression=job.compression,
+                                       hit_filter=job.hit_filter)
+        return found.request, found.hits, found.dropped, found.seconds

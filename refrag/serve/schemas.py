@@ -41,6 +41,9 @@ class RefragFields(BaseModel):
     expand_fraction: float | None = Field(None, ge=0.0, lt=1.0)
     expand_tokens: int | None = Field(None, ge=0)
     passages: list[str] | None = Field(None, min_length=1, max_length=100)
+    min_score: float | None = None  # relevance filtering of retrieved passages (refrag.relevance)
+    relative_score: float | None = Field(None, gt=0.0, le=1.0)
+    dedup: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("passages")
     @classmethod

@@ -7,6 +7,7 @@ question costs one retrieval, one projection and one short prefill; no chunk is 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from refrag.config import CompressionOptions, SamplingOptions
@@ -56,16 +57,26 @@ class Pipeline:
                  hit_filter: HitFilter = HitFilter()) -> Retrieved:
         """The question's request (the kept passages, and their stored chunk encodings in refrag mode), the hits
         kept and dropped, and the seconds retrieval took: what ``ask`` answers, and what a server batches."""
+        return self.retrieve_many([question], top_k=top_k, compression=compression, hit_filter=hit_filter)[0]
+
+    def retrieve_many(self, questions: Sequence[str], *, top_k: int = 5,
+                      compression: CompressionOptions = CompressionOptions(),
+                      hit_filter: HitFilter = HitFilter()) -> list[Retrieved]:
+        """``retrieve`` for several questions, the query encoding and vector search batched (each one's seconds:
+        its share of the batch's retrieval time)."""
         t0 = time.perf_counter()
-        hits, dropped = hit_filter.apply(self.index.search(question, top_k))
-        if not hits:
-            best = max(d.hit.score for d in dropped) if dropped else float("nan")
-            raise InputError(f"no retrieved passage passed the relevance filter (best score {best:.3f}): lower "
-                             "--min-score / --relative-score.")
-        passages = tuple(self.index.passage(h.id, self.model.tokenizer) for h in hits)
-        encoded = tuple(self.index.encoded(h.id) for h in hits) if compression.mode == "refrag" else None
-        request = Request(question=question, passages=passages, encoded=encoded)
-        return Retrieved(request, tuple(hits), tuple(dropped), time.perf_counter() - t0)
+        out = []
+        for question, found in zip(questions, self.index.search_many(questions, top_k)):
+            hits, dropped = hit_filter.apply(found)
+            if not hits:
+                best = max(d.hit.score for d in dropped) if dropped else float("nan")
+                raise InputError(f"no passage retrieved for {question!r} passed the relevance filter (best score "
+                                 f"{best:.3f}): lower --min-score / --relative-score.")
+            passages = tuple(self.index.passage(h.id, self.model.tokenizer) for h in hits)
+            encoded = tuple(self.index.encoded(h.id) for h in hits) if compression.mode == "refrag" else None
+            out.append((Request(question=question, passages=passages, encoded=encoded), tuple(hits), tuple(dropped)))
+        share = (time.perf_counter() - t0) / max(len(out), 1)
+        return [Retrieved(request, hits, dropped, share) for request, hits, dropped in out]
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from refrag.cli.common import (
     setup_torch,
 )
 from refrag.config import Mode
+from refrag.errors import InputError
 from refrag.relevance import HitFilter
 
 IndexPath = Annotated[Path, typer.Argument(help="index folder")]
@@ -28,8 +29,6 @@ BOTH = "both"  # every Mode, one after the other, and the TTFT ratio
 
 def parse_modes(mode: str) -> tuple[Mode, ...]:
     """``full``, ``refrag`` or ``both`` -> the modes to answer in."""
-    from refrag.errors import InputError
-
     modes = get_args(Mode)
     if mode == BOTH:
         return modes
@@ -66,10 +65,15 @@ def search_cmd(index_path: IndexPath, query: Annotated[str, typer.Argument(help=
 @filter_options()
 def ask_cmd(
     index_path: IndexPath,
-    question: Annotated[str, typer.Argument(help="the question")],
+    question: Annotated[str | None, typer.Argument(help="the question (or --questions FILE)")] = None,
     top_k: TopK = 5,
     mode: Annotated[str, typer.Option(help="refrag (stored chunk vectors), full (passages as tokens) or both")] = "refrag",
     max_new_tokens: Annotated[int, typer.Option(help="answer length cap")] = 64,
+    questions: Annotated[Path | None, typer.Option(help="JSONL of questions (`question`, optional `id`) to answer in "
+                                                        "batches into --out; a rerun skips answered ids")] = None,
+    out: Annotated[Path | None, typer.Option(help="answers JSONL for --questions (appended as batches finish)")]
+        = None,
+    batch_size: Annotated[int, typer.Option(help="questions per batch with --questions")] = 8,
     json_out: Json = False,
     *,
     choice: ModelChoice,
@@ -87,7 +91,14 @@ def ask_cmd(
     from refrag.pipeline import Pipeline
 
     modes = parse_modes(mode)
-    check_question(question), check_top_k(top_k)  # before the model loads
+    check_top_k(top_k)
+    if questions is not None:
+        _batch(index_path, questions, out, batch_size, top_k, modes, max_new_tokens, json_out, choice, expansion,
+               hit_filter)
+        return
+    if question is None:
+        raise InputError("give a QUESTION, or --questions FILE --out FILE.")
+    check_question(question)  # before the model loads
     index = Index.open(index_path)
     pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
@@ -120,3 +131,29 @@ def ask_cmd(
         typer.echo(f"  dropped ({d.reason}): {d.hit.meta.title} (score {d.hit.score:.3f})")
     if ratio is not None:
         typer.secho(f"TTFT full / refrag: {ratio:.1f}x", bold=True)
+
+
+def _batch(index_path: Path, questions: Path, out: Path | None, batch_size: int, top_k: int, modes: tuple[Mode, ...],
+           max_new_tokens: int, json_out: bool, choice: ModelChoice, expansion: ExpansionChoice,
+           hit_filter: HitFilter) -> None:
+    """``ask --questions FILE --out FILE``: batched, appended as it goes, resumable."""
+    from refrag.batch import BatchOptions, answer_questions
+    from refrag.config import SamplingOptions
+    from refrag.index import Index
+    from refrag.pipeline import Pipeline
+
+    if out is None or len(modes) != 1:
+        raise InputError("--questions needs --out FILE and one --mode (refrag or full).")
+    options = BatchOptions(batch_size=batch_size, top_k=top_k, compression=expansion.compression(modes[0]),
+                           sampling=SamplingOptions(max_new_tokens=max_new_tokens), hit_filter=hit_filter)
+    index = Index.open(index_path)
+    pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+    report = answer_questions(pipe, questions, out, options, progress=not json_out)
+    if json_out:
+        print_json({"answered": report.answered, "already": report.already, "skipped": report.skipped,
+                    "seconds": report.seconds, "questions_per_s": report.questions_per_s, "out": str(out)})
+        return
+    typer.echo(f"answered {report.answered} questions in {report.seconds:.1f}s ({report.questions_per_s:.2f}/s) "
+               f"-> {out}; {report.already} already there; {len(report.skipped)} skipped")
+    for line in report.skipped:
+        typer.echo(f"  skipped {line}", err=True)

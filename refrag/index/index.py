@@ -192,11 +192,17 @@ class Index:
 
     def search(self, query: str, top_k: int = 5) -> list[SearchHit]:
         """The ``top_k`` passages most similar to ``query`` (fewer when the index is smaller), best first."""
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("the query is empty: give a question or some keywords.")
+        return self.search_many([query], top_k)[0]
+
+    def search_many(self, queries: Sequence[str], top_k: int = 5) -> list[list[SearchHit]]:
+        """``search`` for several queries: one encoder call and one vector search for all of them."""
+        for query in queries:
+            if not isinstance(query, str) or not query.strip():
+                raise InputError("the query is empty: give a question or some keywords.")
         check_top_k(top_k)
-        scores, ids = self.store.search(self.retriever.encode([query]), min(top_k, len(self)))
-        return [SearchHit(int(i), float(s), self.meta(int(i))) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        scores, ids = self.store.search(self.retriever.encode(list(queries)), min(top_k, len(self)))
+        return [[SearchHit(int(i), float(s), self.meta(int(i))) for s, i in zip(row_s, row_i) if i >= 0]
+                for row_s, row_i in zip(scores, ids)]
 
     def _locate(self, passage_id: int) -> tuple[ShardReader, int]:
         if not 0 <= passage_id < len(self):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from refrag.bench.plots import save_figure
 from refrag.config import Mode
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
@@ -211,11 +212,4 @@ def plot_serve(runs: Sequence[LoadRun], path: str | Path) -> Path:
     ax.set(xlabel="concurrent clients", ylabel="end-to-end latency (s)", xscale="log",
            title=f"refrag serve: latency vs concurrency (max batch {batched[0].max_batch})")
     ax.set_xticks([r.clients for r in batched], [str(r.clients) for r in batched])
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

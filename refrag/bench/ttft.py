@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from refrag.bench.machine import machine_info
+from refrag.bench.plots import save_figure
 from refrag.chunking import make_passage
 from refrag.config import CompressionOptions, SamplingOptions
 from refrag.errors import InputError
@@ -192,11 +193,4 @@ def plot_ttft(report: TTFTReport, path: str | Path) -> Path:
     ax.set_xticks(s, [str(x) for x in s])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.margins(y=0.15)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path)

@@ -93,6 +93,10 @@ class ShardReader:
             raise CheckpointError(f"{path} holds {len(self.chunk_offsets) - 1} passages, the manifest says "
                                   f"{entry['passages']}; rebuild the index.")
         self._meta_path = folder / f"{self.name}.jsonl"
+        size = self._meta_path.stat().st_size if self._meta_path.is_file() else -1
+        if size != int(self.meta_offsets[-1]):
+            raise CheckpointError(f"{self._meta_path} is missing or truncated ({max(size, 0)} bytes, the shard indexes "
+                                  f"{int(self.meta_offsets[-1])}); rebuild the index.")
 
     def __len__(self) -> int:
         return len(self.chunk_offsets) - 1
@@ -109,4 +113,9 @@ class ShardReader:
         start, end = int(self.meta_offsets[row]), int(self.meta_offsets[row + 1])
         with open(self._meta_path, "rb") as f:
             f.seek(start)
-            return PassageMeta(**json.loads(f.read(end - start)))
+            raw = f.read(end - start)
+        try:
+            return PassageMeta(**json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+            raise CheckpointError(f"{self._meta_path}: passage {row}'s record is corrupt ({e}); rebuild the index.") \
+                from e

@@ -129,7 +129,11 @@ class FaissStore:
         path = folder / cls.FILE
         if not path.exists():
             raise CheckpointError(f"{path} is missing: the index is incomplete; rebuild it.")
-        index = faiss.read_index(str(path))
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:  # faiss reports a truncated or foreign file this way
+            raise CheckpointError(f"{path} is truncated or not a FAISS index ({str(e).splitlines()[0]}); rebuild "
+                                  "the index.") from e
         if index.d != dim:
             raise CheckpointError(f"{path} holds {index.d}-d vectors but the manifest says {dim}; rebuild it.")
         return cls(dim, options, index)

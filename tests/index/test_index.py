@@ -141,3 +141,20 @@ def test_killed_build_leaves_old_index_loadable(corpus, tmp_path, rmodel, option
     assert len(reopened) == n and reopened.search(reopened.meta(0).text, 1)[0].id == 0
     rebuilt = Index.build(corpus, tmp_path / "idx", rmodel, options, progress=False)  # a rerun restarts cleanly
     assert len(rebuilt) == n and not list(tmp_path.glob(".idx.tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["faiss", "meta-truncated", "meta-garbled"])
+def test_damaged_index_files_are_clear_errors(corpus, tmp_path, rmodel, options, damage):  # noqa: F811
+    index = build(corpus, tmp_path, rmodel, options)
+    folder = index.path
+    if damage == "faiss":
+        target = next(folder.rglob("*.faiss"))
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target = sorted(folder.glob("*.jsonl"))[0]
+        data = target.read_bytes()
+        target.write_bytes(data[:-10] if damage == "meta-truncated" else data[:5] + b"\xff{" + data[7:])
+    with pytest.raises(CheckpointError, match="rebuild the index"):
+        reopened = Index.open(folder)
+        for i in range(len(reopened)):
+            reopened.meta(i)

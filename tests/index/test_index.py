@@ -144,14 +144,14 @@ def test_killed_build_leaves_old_index_loadable(corpus, tmp_path, rmodel, option
 
 
 @pytest.mark.parametrize("damage", ["faiss", "meta-truncated", "meta-garbled"])
-def test_damaged_index_files_are_clear_errors(corpus, tmp_path, rmodel, options, damage):  # noqa: F811
+def test_damaged_index_files_are_clear_errors(corpus, tmp_path, rmodel, options, damage):
     index = build(corpus, tmp_path, rmodel, options)
     folder = index.path
     if damage == "faiss":
         target = next(folder.rglob("*.faiss"))
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     else:
-        target = sorted(folder.glob("*.jsonl"))[0]
+        target = min(folder.glob("*.jsonl"))
         data = target.read_bytes()
         target.write_bytes(data[:-10] if damage == "meta-truncated" else data[:5] + b"\xff{" + data[7:])
     with pytest.raises(CheckpointError, match="rebuild the index"):

@@ -17,14 +17,14 @@ from refrag.train.qa_data import QADataOptions, QAItem, build_qa_set, clean_ques
 from refrag.train.sft import RECIPE, SFTOptions, SFTTask, sft_examples, train_sft
 
 PASSAGES = [
-    "The river Elbe flows from the Krkonose mountains to the North Sea, passing through Dresden and Hamburg on the "
-    "way, after a course of more than a thousand kilometres across Central Europe.",
-    "Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity, and in 1903 she "
-    "shared the Nobel Prize in Physics with Pierre Curie and Henri Becquerel.",
-    "The city of Lisbon lies on the Atlantic coast, where the Tagus river meets the ocean, and it was largely "
-    "rebuilt by the Marquis of Pombal after the earthquake of 1755 destroyed it.",
-    "A violin has four strings tuned in perfect fifths, and it is usually played with a bow made of horsehair; "
-    "the instruments made by Antonio Stradivari in Cremona are the most famous of all.",
+    ("The river Elbe flows from the Krkonose mountains to the North Sea, passing through Dresden and Hamburg on "
+     "the way, after a course of more than a thousand kilometres across Central Europe."),
+    ("Marie Curie was a physicist and chemist who conducted pioneering research on radioactivity, and in 1903 she "
+     "shared the Nobel Prize in Physics with Pierre Curie and Henri Becquerel."),
+    ("The city of Lisbon lies on the Atlantic coast, where the Tagus river meets the ocean, and it was largely "
+     "rebuilt by the Marquis of Pombal after the earthquake of 1755 destroyed it."),
+    ("A violin has four strings tuned in perfect fifths, and it is usually played with a bow made of horsehair; "
+     "the instruments made by Antonio Stradivari in Cremona are the most famous of all."),
 ]
 
 

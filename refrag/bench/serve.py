@@ -15,11 +15,12 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 from refrag.bench.plots import save_figure
 from refrag.config import Mode
@@ -155,7 +156,8 @@ async def _one(client: httpx.AsyncClient, base: str, model_id: str, prompt: Prom
         return Outcome(mode, stream, 0, time.perf_counter() - t0, None, 0, False)
 
 
-async def drive(base: str, model_id: str, prompts: Sequence[Prompt], spec: LoadSpec, clients: int) -> list[Outcome]:
+async def drive(base: str, model_id: str, prompts: Sequence[Prompt], spec: LoadSpec, clients: int,
+                progress: bool = False) -> list[Outcome]:
     """``spec.requests`` requests from ``clients`` concurrent clients (each sends its next when one returns)."""
     rng = random.Random(spec.seed)
     plan = [(prompts[i % len(prompts)], spec.modes[i % len(spec.modes)], rng.random() < spec.stream_share)
@@ -163,35 +165,43 @@ async def drive(base: str, model_id: str, prompts: Sequence[Prompt], spec: LoadS
     todo = iter(plan)
     outcomes: list[Outcome] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    bar = tqdm(total=len(plan), desc=f"load, {clients} clients", unit="req", disable=not progress)
     async with httpx.AsyncClient(timeout=spec.timeout_s, limits=limits) as client:
         async def worker() -> None:
             for prompt, mode, stream in todo:
                 outcomes.append(await _one(client, base, model_id, prompt, mode, stream, spec))
+                bar.update()
 
         await asyncio.gather(*(worker() for _ in range(clients)))
+    bar.close()
     return outcomes
 
 
 def run_load(model: RefragModel, pipeline: Pipeline | None, prompts: Sequence[Prompt], spec: LoadSpec,
-             clients: int, max_batch: int) -> LoadRun:
+             clients: int, max_batch: int, progress: bool = False) -> LoadRun:
     engine = Engine(model, pipeline, EngineOptions(max_batch=max_batch, max_queue=max(64, 2 * clients)))
     options = ServeOptions(timeout_s=spec.timeout_s, max_tokens_cap=max(512, spec.max_tokens))
     with local_server(engine, options) as base:
         t0 = time.perf_counter()
-        outcomes = asyncio.run(drive(base, options.model_id, prompts, spec, clients))
+        outcomes = asyncio.run(drive(base, options.model_id, prompts, spec, clients, progress))
         wall = time.perf_counter() - t0
     return LoadRun(clients, max_batch, wall, summarise(outcomes, spec.modes, wall), engine.batches,
                    engine.batched_jobs / max(engine.batches, 1), outcomes)
 
 
 def bench_serve(model: RefragModel, pipeline: Pipeline | None, prompts: Sequence[Prompt], spec: LoadSpec,
-                concurrency: Sequence[int], max_batch: int = 8) -> list[LoadRun]:
-    """One run per concurrency level, then the highest level with max_batch = 1 (the batching gain)."""
+                concurrency: Sequence[int], max_batch: int = 8, *, progress: bool = False,
+                on_run: Callable[[LoadRun], None] | None = None) -> list[LoadRun]:
+    """One run per concurrency level, then the highest level with max_batch = 1 (the batching gain);
+    ``on_run`` sees each run as it finishes (so a long benchmark reports as it goes)."""
     if not prompts:
         raise InputError("no prompts to send.")
-    runs = [run_load(model, pipeline, prompts, spec, c, max_batch) for c in concurrency]
-    if max_batch > 1:
-        runs.append(run_load(model, pipeline, prompts, spec, max(concurrency), 1))
+    levels = [(c, max_batch) for c in concurrency] + ([(max(concurrency), 1)] if max_batch > 1 else [])
+    runs = []
+    for clients, batch in levels:
+        runs.append(run_load(model, pipeline, prompts, spec, clients, batch, progress))
+        if on_run is not None:
+            on_run(runs[-1])
     return runs
 
 

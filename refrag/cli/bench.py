@@ -133,6 +133,8 @@ def serve_cmd(
     """Load-test the OpenAI-compatible server on localhost: throughput, p50 / p99 TTFT and latency per mode,
     errors by status, lost responses, and the batching gain."""
     setup_torch()
+    import json
+
     from refrag.bench.serve import LoadSpec, Prompt, bench_serve, plot_serve
     from refrag.cli.common import comma_list
     from refrag.eval.qa import gold_passages, load_qa
@@ -153,7 +155,11 @@ def serve_cmd(
     else:
         model = choice.load(progress=not json_out)
         prompts = [Prompt(ex.question, tuple(gold_passages(examples, i, passages, 0))) for i, ex in enumerate(examples)]
-    runs = bench_serve(model, pipeline, prompts, spec, levels, max_batch)
+    def report(run) -> None:  # each run as it finishes: a long benchmark never loses what it measured
+        if not json_out:
+            typer.echo(json.dumps(run.to_json()), err=True)
+
+    runs = bench_serve(model, pipeline, prompts, spec, levels, max_batch, progress=not json_out, on_run=report)
     if plot is not None:
         plot_serve(runs, plot)
     if json_out:

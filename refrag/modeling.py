@@ -282,15 +282,19 @@ class RefragModel(nn.Module):
         """Chunks -> [N, D] decoder-space chunk embeddings (encode + project)."""
         return self.project(self.encode_chunks(chunks))
 
-    def contexts(self, chunk_lists: Sequence[Sequence[Chunk]], expanded: Sequence[Collection[int]]) -> list[list[Segment]]:
-        """Each example's context as ``context_segments`` (one group per example), every compressed chunk of the
-        batch encoded and projected in one call."""
-        compressed = [c for cs, raw in zip(chunk_lists, expanded) for i, c in enumerate(cs) if i not in raw]
+    def contexts(self, examples: Sequence[Sequence[Sequence[Chunk]]], expanded: Sequence[Collection[int]],
+                 separator: Sequence[int] = ()) -> list[list[Segment]]:
+        """Each example's context as ``context_segments`` (an example: its groups of chunks, e.g. passages;
+        ``expanded`` indexes its chunks across groups), every compressed chunk of the batch encoded and projected
+        in one call."""
+        flat = [[c for group in groups for c in group] for groups in examples]
+        compressed = [c for cs, raw in zip(flat, expanded) for i, c in enumerate(cs) if i not in raw]
         vectors = self.embed_chunks(compressed) if compressed else None  # [N, D], compressed chunks in order
         out, row = [], 0
-        for cs, raw in zip(chunk_lists, expanded):
+        for groups, cs, raw in zip(examples, flat, expanded):
             n = len(cs) - len(raw)
-            out.append(context_segments([cs], raw, vectors[row : row + n] if vectors is not None and n else None))
+            mine = vectors[row : row + n] if vectors is not None and n else None
+            out.append(context_segments(groups, raw, mine, separator))
             row += n
         return out
 

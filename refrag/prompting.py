@@ -54,6 +54,10 @@ class PromptTemplate:
             separator_ids=tuple(tokenizer.encode(PASSAGE_SEPARATOR, add_special_tokens=False)),
         )
 
+    def around(self, context: Sequence[Segment], question_ids: Sequence[int]) -> list[Segment]:
+        """The prompt's segments in order: prefix, the context, the question (with the middle and suffix)."""
+        return [self.prefix_ids, *context, question_ids]
+
     def question_ids(self, tokenizer, question: str) -> list[int]:
         """Tokens after the context: the middle text, the question and the suffix."""
         check_question(question)
@@ -84,7 +88,7 @@ def rag_segments(
     passages), question and suffix. vectors: [V, D] projected vectors of the compressed chunks, in order (None in
     full mode). With every chunk expanded this is exactly the plain-RAG prompt."""
     context = context_segments([p.chunks for p in passages], expanded, vectors, template.separator_ids)
-    return [template.prefix_ids, *context, question_ids]
+    return template.around(context, question_ids)
 
 
 def rag_layout(

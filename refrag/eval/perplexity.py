@@ -213,7 +213,7 @@ def _prefixes(
         return [[*head, list(ex.context[-method.positions :])] for ex in batch]
     chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
     raw = [_expanded(model, cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
-    return [[*head, *context] for context in model.contexts(chunks, raw)]
+    return [[*head, *context] for context in model.contexts([[cs] for cs in chunks], raw)]
 
 
 def _expanded(model: RefragModel, chunks, method: Method, seed: int, doc: int) -> set[int]:

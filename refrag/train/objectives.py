@@ -98,7 +98,7 @@ def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
     Every compressed chunk of the batch is encoded in one call.
     """
     chunked = [chunk_token_ids(ex.context, model.tokenizer, model.k) for ex in examples]
-    contexts = model.contexts(chunked, [set(ex.expanded) for ex in examples])
+    contexts = model.contexts([[cs] for cs in chunked], [set(ex.expanded) for ex in examples])
     anchor = _anchor(model)
     return [model.scored_layout([anchor, *context], ex.target) for context, ex in zip(contexts, examples)]
 

@@ -28,7 +28,7 @@ from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, check
 from refrag.errors import InputError
 from refrag.modeling import Layout, RefragModel, mean_nll
 from refrag.policy import choose_expanded
-from refrag.prompting import PromptTemplate, rag_segments
+from refrag.prompting import PromptTemplate
 from refrag.train.common import Recipe, StageOptions, set_trainable
 from refrag.train.loop import TrainOptions, TrainResult, train
 from refrag.train.objectives import Score, kl_to_teacher, score_layouts
@@ -36,7 +36,7 @@ from refrag.train.qa_data import QAItem
 
 RECIPE = Recipe(stage="sft", after=("cpt", "mixed", "sft"), paper_lr=2e-5)
 Target = Literal["teacher", "gold"]
-TEXT_POLICIES = ("none", "first", "last", "random", "lexical")  # policies that need no chunk encodings
+ENCODING_FREE_POLICIES = ("none", "first", "last", "random", "lexical")  # need no chunk encodings, no model
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class SFTOptions:
 
     def __post_init__(self) -> None:
         check_choice(self.target, Target, "--target")
-        if self.policy not in TEXT_POLICIES:
+        if self.policy not in ENCODING_FREE_POLICIES:
             raise InputError(f"--policy {self.policy!r}: training chooses chunks without encodings; use one of "
-                             f"{', '.join(TEXT_POLICIES)}.")
+                             f"{', '.join(ENCODING_FREE_POLICIES)}.")
         check_fraction(self.expand_fraction, "--expand-fraction", below_one=True)
         if not 0.0 <= self.expand_share <= 1.0 or not 0.0 <= self.distill <= 1.0:
             raise InputError("--expand-share and --distill must be in [0, 1].")
@@ -112,16 +112,10 @@ class SFTTask:
         """Labelled layouts: the RAG prompt (chunks compressed but the expanded ones; ``text``: every chunk raw, the
         full-context teacher's input) + the target. Every compressed chunk of the batch is encoded in one call."""
         expanded = [frozenset(range(len(ex.chunks))) if text else ex.expanded for ex in examples]
-        compressed = [c for ex, raw in zip(examples, expanded) for i, c in enumerate(ex.chunks) if i not in raw]
-        vectors = model.embed_chunks(compressed) if compressed else None  # [N, D]
-        out, row = [], 0
-        for ex, raw in zip(examples, expanded):
-            n = len(ex.chunks) - len(raw)
-            mine = vectors[row : row + n] if vectors is not None and n else None
-            row += n
-            segments = rag_segments(self.template, self._question(model, ex.question), ex.passages, mine, set(raw))
-            out.append(model.scored_layout(segments, ex.target))
-        return out
+        contexts = model.contexts([[p.chunks for p in ex.passages] for ex in examples], expanded,
+                                  self.template.separator_ids)
+        return [model.scored_layout(self.template.around(context, self._question(model, ex.question)), ex.target)
+                for ex, context in zip(examples, contexts)]
 
     def _question(self, model: RefragModel, question: str) -> list[int]:
         if question not in self._question_ids:

@@ -92,6 +92,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def read_jsonl(path: str | os.PathLike[str], missing: str) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line; a missing file is an InputError saying ``missing``,
+    a line that is not JSON one naming the file and line."""
+    from refrag.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{missing}: {path}")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n} is not JSON ({e}).") from e
+    return rows
+
+
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
     """Write one JSON object per line to ``path`` atomically."""
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -14,7 +14,6 @@ the swapped one and ``memory`` is the rate at which the model still says the ori
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -31,6 +30,7 @@ from refrag.config import ChunkingOptions, CompressionOptions, Mode, PolicyName,
 from refrag.errors import InputError
 from refrag.eval.metrics import Difference, contains_answer, exact_match, paired_bootstrap, token_f1
 from refrag.generation import Request, generate
+from refrag.io import read_jsonl
 from refrag.modeling import RefragModel
 from refrag.policy import choose_expanded
 from refrag.relevance import HitFilter
@@ -161,16 +161,7 @@ def load_qa(
 ) -> list[QAExample]:
     """Read question/answer JSONL; a seeded sample of ``limit`` rows (file order kept) when limit is set."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"QA file not found: {path}")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{line_no} is not JSON ({e}).") from e
+    rows = [row for _, row in read_jsonl(path, "QA file not found")]
     if limit is not None and limit < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), limit))
         rows = [rows[i] for i in keep]

@@ -19,7 +19,6 @@ questions that repeat or give their answer away. The output is JSONL that ``load
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -35,7 +34,7 @@ from refrag.errors import InputError
 from refrag.eval.metrics import contains_answer, normalize_answer
 from refrag.generation import Request, generate
 from refrag.index.ingest import iter_documents
-from refrag.io import write_jsonl_atomic
+from refrag.io import read_jsonl, write_jsonl_atomic
 from refrag.lexical import BM25, terms
 from refrag.modeling import RefragModel
 
@@ -108,17 +107,8 @@ class QAItem:
 
 def read_items(path: str | Path) -> list[QAItem]:
     """Rows written by :func:`build_qa_set` (or by hand in the same format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"QA training file not found: {path} (build one with `refrag data qa --out FILE`).")
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n} is not JSON ({e.msg}).") from e
-            items.append(QAItem.from_row(row, f"{path}:{n}"))
+    rows = read_jsonl(path, "QA training file not found (build one with `refrag data qa --out FILE`)")
+    items = [QAItem.from_row(row, f"{path}:{n}") for n, row in rows]
     if not items:
         raise InputError(f"{path} holds no rows.")
     return items
@@ -127,11 +117,9 @@ def read_items(path: str | Path) -> list[QAItem]:
 def excluded_questions(paths: Sequence[str | Path]) -> set[str]:
     """Normalised ``question`` fields of evaluation files: never trained on."""
     out: set[str] = set()
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise InputError(f"--exclude file not found: {path}")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and isinstance(q := json.loads(line).get("question"), str):
+    for path in paths:
+        for _, row in read_jsonl(path, "--exclude file not found"):
+            if isinstance(row, dict) and isinstance(q := row.get("question"), str):
                 out.add(normalize_answer(q))
     return out
 

@@ -51,9 +51,12 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers or {}
 
+    def body(self) -> dict:
+        """OpenAI's error object (a JSON response's body, or a stream's last event)."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def create_app(engine: Engine, options: ServeOptions = ServeOptions()) -> FastAPI:
@@ -204,12 +207,11 @@ def create_app(engine: Engine, options: ServeOptions = ServeOptions()) -> FastAP
                         yield _sse(reply.chunk(usage=_usage(event)))
                     break
                 else:
-                    e = _as_api_error(event.error)
-                    yield _sse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
+                    yield _sse(_as_api_error(event.error).body())
                     break
             yield "data: [DONE]\n\n"
         except APIError as e:  # timeout while streaming: the stream still ends cleanly
-            yield _sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
+            yield _sse(e.body())
             yield "data: [DONE]\n\n"
         finally:
             job.cancelled.set()  # a no-op when finished; stops generation when the client went away

@@ -137,12 +137,9 @@ class Engine:
             job.send(Failed(ShuttingDown("the server shut down before this request ran.")))
 
     def _drain(self) -> list[Job]:
+        """Every job not yet run: the held ones, then the queue's."""
         jobs, self._held = self._held, []
-        while True:
-            try:
-                jobs.append(self._queue.get_nowait())
-            except queue.Empty:
-                return jobs
+        return jobs + self._drain_queue()
 
     # ---------------------------------------------------------------- the worker thread
     def _work(self) -> None:

@@ -94,11 +94,12 @@ class SFTTask:
     _question_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def examples(self, step: int, count: int) -> list[SFTExample]:
-        n, out = len(self.train_rows), []
+        n, out, orders = len(self.train_rows), [], {}
         for i in range(step * count, (step + 1) * count):
             epoch, at = divmod(i, n)
-            order = np.random.default_rng((self.options.seed, epoch)).permutation(n)
-            out.append(self.train_rows[int(order[at])])
+            if epoch not in orders:  # one seeded permutation per epoch
+                orders[epoch] = np.random.default_rng((self.options.seed, epoch)).permutation(n)
+            out.append(self.train_rows[int(orders[epoch][at])])
         rng = np.random.default_rng((self.options.seed, 1 << 30, step))
         return [self._expanded(ex) if rng.random() < self.options.expand_share else ex for ex in out]
 

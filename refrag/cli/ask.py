@@ -87,8 +87,6 @@ def ask_cmd(
     """
     setup_torch()
     from refrag.config import SamplingOptions, check_question, check_top_k
-    from refrag.index import Index
-    from refrag.pipeline import Pipeline
 
     modes = parse_modes(mode)
     check_top_k(top_k)
@@ -99,8 +97,7 @@ def ask_cmd(
     if question is None:
         raise InputError("give a QUESTION, or --questions FILE --out FILE.")
     check_question(question)  # before the model loads
-    index = Index.open(index_path)
-    pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+    pipe = choice.pipeline(index_path, progress=not json_out)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
     results = {m: pipe.ask(question, top_k=top_k, compression=expansion.compression(m), sampling=sampling,
                            hit_filter=hit_filter) for m in modes}
@@ -139,15 +136,12 @@ def _batch(index_path: Path, questions: Path, out: Path | None, batch_size: int,
     """``ask --questions FILE --out FILE``: batched, appended as it goes, resumable."""
     from refrag.batch import BatchOptions, answer_questions
     from refrag.config import SamplingOptions
-    from refrag.index import Index
-    from refrag.pipeline import Pipeline
 
     if out is None or len(modes) != 1:
         raise InputError("--questions needs --out FILE and one --mode (refrag or full).")
     options = BatchOptions(batch_size=batch_size, top_k=top_k, compression=expansion.compression(modes[0]),
                            sampling=SamplingOptions(max_new_tokens=max_new_tokens), hit_filter=hit_filter)
-    index = Index.open(index_path)
-    pipe = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+    pipe = choice.pipeline(index_path, progress=not json_out)
     report = answer_questions(pipe, questions, out, options, progress=not json_out)
     if json_out:
         print_json({"answered": report.answered, "already": report.already, "skipped": report.skipped,

@@ -145,11 +145,7 @@ def serve_cmd(
     examples = load_qa(data, limit=min(requests, 200))
     pipeline = None
     if index_path is not None:
-        from refrag.index import Index
-        from refrag.pipeline import Pipeline
-
-        index = Index.open(index_path)
-        pipeline = Pipeline(index, choice.for_index(index).load(progress=not json_out))
+        pipeline = choice.pipeline(index_path, progress=not json_out)
         model = pipeline.model
         prompts = [Prompt(ex.question, None) for ex in examples]
     else:

@@ -76,6 +76,14 @@ class ModelChoice:
         return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
                           progress=progress, merge=merge)
 
+    def pipeline(self, index_path, *, progress: bool = True):
+        """The index at ``index_path`` with its model (unset parts taken from what built it) as a Pipeline."""
+        from refrag.index import Index
+        from refrag.pipeline import Pipeline
+
+        index = Index.open(index_path)
+        return Pipeline(index, self.for_index(index).load(progress=progress))
+
     def for_index(self, index) -> ModelChoice:
         """Unset parts taken from what built ``index``: the checkpoint whose fine-tuned encoder it stores, else
         its recorded decoder, chunk encoder and k."""

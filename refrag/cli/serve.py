@@ -41,11 +41,7 @@ def serve_cmd(
 
     pipeline = None
     if index_path is not None:
-        from refrag.index import Index
-        from refrag.pipeline import Pipeline
-
-        index = Index.open(index_path)
-        pipeline = Pipeline(index, choice.for_index(index).load())
+        pipeline = choice.pipeline(index_path)
         model = pipeline.model
     else:
         model = choice.load()

@@ -62,6 +62,12 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
                          "--expand-tokens", 8, "--max-new-tokens", 2, "--top-k", 3, "--json"))["answers"][0]
     assert raw["policy"] == "lexical" and raw["expanded_chunks"] and raw["timings"]["policy_s"] > 0
     assert raw["decoder_positions"] > out["answers"][0]["decoder_positions"]
+    questions, answers = tmp_path / "q.jsonl", tmp_path / "answers.jsonl"
+    questions.write_text('{"question": "Where does the dog sleep?"}\n{"question": "What jumps?"}\n')
+    batch = ["ask", idx, "--questions", questions, "--out", answers, "--model", ckpt, "--max-new-tokens", 2, "--json"]
+    assert json.loads(run(app, *batch))["answered"] == 2 and len(answers.read_text().splitlines()) == 2
+    again = json.loads(run(app, *batch))  # a rerun answers nothing twice
+    assert again["answered"] == 0 and again["already"] == 2 and len(answers.read_text().splitlines()) == 2
 
 
 def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):

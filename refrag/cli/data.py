@@ -45,4 +45,6 @@ def qa_cmd(
     options = QADataOptions(examples=examples, passages=passages, batch_size=batch_size, keep=keep, seed=seed)  # type: ignore[arg-type]
     model = choice.load(merge=False)
     items = build_qa_set(model, source, out, options, exclude=exclude)
-    typer.echo(f"wrote {len(items)} rows to {out} (questions excluded from: {', '.join(exclude) or 'none'})")
+    verified, grounded = sum(it.verified for it in items), sum(it.grounded for it in items)
+    typer.echo(f"wrote {len(items)} rows to {out}: {verified} verified, {grounded} grounded (questions excluded "
+               f"from: {', '.join(exclude) or 'none'})")

@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +132,38 @@ def _all_reduce_mean(params: list[torch.nn.Parameter], world: int) -> None:
         p.grad /= world
 
 
-def _time_is_up(started: float, minutes: float, world: int) -> bool:
-    """Whether the time box is spent, decided for all ranks at once (ranks stopping apart would hang all_reduce)."""
-    up = torch.tensor(float(time.perf_counter() - started > 60 * minutes))
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """SIGTERM / Ctrl-C while training sets the event: the loop finishes its step, checkpoints and stops
+    (a --resume continues exactly); a second signal stops at once. Only the main thread can own signals."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        tqdm.write(f"{signal.Signals(signum).name}: checkpointing after this step, then stopping "
+                   "(send it again to stop at once).")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _should_stop(started: float, minutes: float | None, requested: threading.Event, world: int) -> bool:
+    """Whether the time box is spent or a stop was requested, decided for all ranks at once (ranks stopping
+    apart would hang all_reduce)."""
+    up = requested.is_set() or (minutes is not None and time.perf_counter() - started > 60 * minutes)
+    flag = torch.tensor(float(up))
     if world > 1:
-        dist.all_reduce(up, op=dist.ReduceOp.MAX)
-    return bool(up)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
@@ -161,36 +190,37 @@ def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
     model.train()
     loss_value, scores = float("nan"), {}
     started = time.perf_counter()
-    while step < last:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = options.lr * lr_factor(step, options)
-        mine = task.examples(step, options.batch_size)[rank::world]  # this rank's share of the batch
-        loss_sum, tokens = _accumulate(model, task, mine, options)
-        if world > 1:
-            _all_reduce_mean(params, world)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_value = loss_sum / max(len(mine), 1)
-        elapsed = time.perf_counter() - t0
-        metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
-                   "train/grad_norm": grad_norm, "train/positions_per_s": tokens * world / elapsed,
-                   "train/elapsed_s": time.perf_counter() - started}  # wall time of this run (not of resumed ones)
-        if options.eval_every and step % options.eval_every == 0 or step == options.steps:
-            scores = evaluate(model, task, options.micro_batch_size, options.bf16)
-            for n, s in scores.items():
-                metrics[f"eval/log_ppl_{n}xk"] = s.log_ppl
-                metrics[f"eval/acc_{n}xk"] = s.accuracy
-        for lg in loggers:
-            lg.log_dict(metrics, step)
-        bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
-        bar.update(1)
-        if options.max_minutes is not None and _time_is_up(started, options.max_minutes, world):
-            last = step  # the time box is spent: checkpoint now and stop (a --resume continues exactly)
-        if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
-            save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))
+    with _stop_requests() as requested:
+        while step < last:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = options.lr * lr_factor(step, options)
+            mine = task.examples(step, options.batch_size)[rank::world]  # this rank's share of the batch
+            loss_sum, tokens = _accumulate(model, task, mine, options)
+            if world > 1:
+                _all_reduce_mean(params, world)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss_sum / max(len(mine), 1)
+            elapsed = time.perf_counter() - t0
+            metrics = {"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"],
+                       "train/grad_norm": grad_norm, "train/positions_per_s": tokens * world / elapsed,
+                       "train/elapsed_s": time.perf_counter() - started}  # wall time of this run (not of resumed ones)
+            if options.eval_every and step % options.eval_every == 0 or step == options.steps:
+                scores = evaluate(model, task, options.micro_batch_size, options.bf16)
+                for n, s in scores.items():
+                    metrics[f"eval/log_ppl_{n}xk"] = s.log_ppl
+                    metrics[f"eval/acc_{n}xk"] = s.accuracy
+            for lg in loggers:
+                lg.log_dict(metrics, step)
+            bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
+            bar.update(1)
+            if _should_stop(started, options.max_minutes, requested, world):
+                last = step  # time box spent or SIGTERM / Ctrl-C: checkpoint now and stop (--resume continues)
+            if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
+                save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))
     bar.close()
     for lg in loggers:
         lg.close()

@@ -183,6 +183,33 @@ def test_a_time_box_stops_with_a_checkpoint_and_resumes(tmp_path):
         options(tmp_path, max_minutes=0)
 
 
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    import signal
+
+    import refrag.train.loop as loop
+
+    accumulate, calls = loop._accumulate, []
+
+    def terminated_during_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a scheduler's preemption would
+        return accumulate(*args)
+
+    monkeypatch.setattr(loop, "_accumulate", terminated_during_step_2)
+    model = tiny_refrag("llama", k=4)
+    stopped = reconstruct(model, corpus(model), STAGE, options(tmp_path / "b", save_every=0))
+    assert stopped.steps == 2 and stopped.final_dir is None
+    assert (tmp_path / "b" / "checkpoint" / "model" / "refrag.json").is_file()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    monkeypatch.setattr(loop, "_accumulate", accumulate)
+    model2 = tiny_refrag("llama", k=4)
+    assert reconstruct(model2, corpus(model2), STAGE, options(tmp_path / "b", resume=True)).steps == 6
+    model3 = tiny_refrag("llama", k=4)
+    reconstruct(model3, corpus(model3), STAGE, options(tmp_path / "a"))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
 def test_a_self_encoder_trains_and_its_adapter_is_saved(tmp_path):
     """Stage 1 with the decoder's own first layers as the chunk encoder: only the adapter trains and is saved."""
     from dataclasses import replace

@@ -2,7 +2,8 @@
 
 A checkpoint folder (written atomically)::
 
-    refrag.json             versioned manifest: the RefragConfig and where each component is
+    refrag.json             versioned manifest: the RefragConfig, where each component is, and the size and
+                            sha256 of every other file (verified on load: ``refrag.integrity``)
     projector.safetensors   the projector (fp32 or bf16)
     encoder/                the chunk encoder, when it was trained (else referenced by its spec): a Hugging Face
                             folder for a text encoder; encoder.safetensors (adapter only) for ``self`` / ``tokens``
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,8 +27,9 @@ from transformers.utils import logging as hf_logging
 from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, RefragConfig
 from refrag.encoders import BUILT_FROM_DECODER, SELF, build_encoder
 from refrag.errors import CheckpointError, InputError
+from refrag.integrity import CHECKSUM_LIMIT, FileRecord, record_tree, total_bytes, verify
 from refrag.io import atomic_dir, write_json_atomic
-from refrag.manifest import ManifestKind, read_manifest
+from refrag.manifest import ManifestKind, parse_typed, read_manifest
 from refrag.modeling import RefragModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
 POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
+RESTORE = "Restore the checkpoint folder from where it came, or re-save / re-export the model."
 # The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
 
@@ -50,6 +53,7 @@ class CheckpointManifest:
     components: dict[str, str]  # "encoder" / "decoder" -> folder name inside the checkpoint or a model spec
     encoder_hidden: int
     decoder_hidden: int
+    files: dict[str, FileRecord] = field(default_factory=dict)  # every other file as written (empty before 0.9)
 
     @property
     def adapter(self) -> str | None:
@@ -69,18 +73,18 @@ class CheckpointManifest:
         if self.config.encoder != SELF:  # self-encoder settings: absent for others, so their manifests stay as before
             del config["encoder_layers"], config["encoder_lora_rank"]
         return {**CHECKPOINT.header(), "config": config, "components": dict(self.components),
-                "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden}
+                "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden,
+                "files": {name: asdict(r) for name, r in self.files.items()}}
 
     @classmethod
     def read(cls, path: str | Path) -> CheckpointManifest:
+        """The manifest, every field checked against its type (CheckpointError naming the field)."""
         path = Path(path)
-        raw = read_manifest(path, CHECKPOINT)
-        try:
-            known = {f.name for f in fields(RefragConfig)}
-            config = RefragConfig(**{k: v for k, v in raw["config"].items() if k in known})
-            return cls(config, dict(raw["components"]), int(raw["encoder_hidden"]), int(raw["decoder_hidden"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{path}/{MANIFEST} is not a valid checkpoint manifest ({e}); re-save the model.") from e
+        return parse_typed(cls, read_manifest(path, CHECKPOINT), f"{path}/{MANIFEST}", RESTORE)
+
+    def verify(self, path: Path) -> None:
+        """Every file against its record: sizes always, sha256 too up to CHECKSUM_LIMIT bytes in all."""
+        verify(path, self.files, checksums=total_bytes(self.files) <= CHECKSUM_LIMIT, remedy=RESTORE)
 
 
 @contextlib.contextmanager
@@ -139,7 +143,8 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
             components[POLICY] = POLICY
         state = {k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()}
         save_file(state, str(tmp / PROJECTOR))
-        manifest = CheckpointManifest(config, components, model.encoder.hidden_size, model.hidden_size)
+        manifest = CheckpointManifest(config, components, model.encoder.hidden_size, model.hidden_size,
+                                      record_tree(tmp, skip=(MANIFEST,)))
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
     return path
 
@@ -148,6 +153,7 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -
     """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors."""
     path = Path(path)
     manifest = CheckpointManifest.read(path)
+    manifest.verify(path)
     built = manifest.config.encoder in BUILT_FROM_DECODER  # rebuilt from the decoder, trained weights loaded below
     parts = {name: str(path / spec) if (path / spec).is_dir() else spec
              for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
@@ -161,6 +167,9 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -
         model.encoder.load_weights(path / manifest.components["encoder"])
     expected = (model.hidden_size, model.encoder.hidden_size)
     got = tuple(state.get("fc1.weight", torch.empty(0, 0)).shape)
+    if got != (manifest.decoder_hidden, manifest.encoder_hidden):
+        raise CheckpointError(f"{path}/{MANIFEST} says encoder {manifest.encoder_hidden} -> decoder "
+                              f"{manifest.decoder_hidden} wide, but its projector maps {got[1:]} -> {got[:1]}. {RESTORE}")
     if got != expected:
         raise CheckpointError(
             f"{path}: projector maps encoder {got[1:]} -> decoder {got[:1]}, but the loaded encoder/decoder "

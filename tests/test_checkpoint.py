@@ -49,6 +49,8 @@ def test_projector_shape_mismatch_is_rejected(tmp_path):
     from safetensors.torch import save_file
 
     save_file({k: torch.zeros(3, 3) for k in ("fc1.weight",)}, str(path / "projector.safetensors"))
+    # a manifest that agrees with its projector (and records no files, as before 0.9), not with the models
+    (path / "refrag.json").write_text(json.dumps({**manifest, "encoder_hidden": 3, "decoder_hidden": 3, "files": {}}))
     with pytest.raises(CheckpointError, match="hidden sizes"):
         checkpoint.load(path, progress=False)
     assert manifest["encoder_hidden"] == 32
@@ -97,8 +99,60 @@ def test_the_manifest_is_typed_and_version_checked(tmp_path):
     with pytest.raises(CheckpointError, match="newer refrag"):
         checkpoint.load(path, progress=False)
     (path / "refrag.json").write_text(json.dumps({**raw, "config": "nope"}))
-    with pytest.raises(CheckpointError, match="not a valid checkpoint manifest"):
+    with pytest.raises(CheckpointError, match="field config: expected an object"):
         checkpoint.load(path, progress=False)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"config": {"k": "4"}}, r"field config\.k: expected int, got '4'"),
+    ({"config": {"k": True}}, r"field config\.k: expected int, got True"),
+    ({"config": {"pooling": "max"}}, r"field config\.pooling: expected one of 'mean', 'cls'"),
+    ({"config": {"k": 0}}, r"field config: k must be"),
+    ({"encoder_hidden": 12.5}, r"field encoder_hidden: expected int"),
+    ({"components": {"encoder": 3}}, r"field components\.encoder: expected str"),
+    ({"files": {"projector.safetensors": {"bytes": "9"}}}, r"field files\.projector\.safetensors\.bytes"),
+])
+def test_every_manifest_field_is_type_checked(tmp_path, change, message):
+    path = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    raw = json.loads((path / "refrag.json").read_text())
+    for key, value in change.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key == "config" else value
+    (path / "refrag.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=message) as e:
+        checkpoint.load(path, progress=False)
+    assert "refrag.json" in str(e.value) and "Restore the checkpoint" in str(e.value)
+
+
+def test_every_checkpoint_file_is_recorded_and_verified_on_load(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    files = CheckpointManifest.read(path).files
+    assert set(files) == {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"refrag.json"}
+    projector = path / "projector.safetensors"
+    data = bytearray(projector.read_bytes())
+    data[-3] ^= 0xFF  # one weight's byte flipped: same size, still a valid safetensors file
+    projector.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="projector.safetensors is damaged: its sha256 differs"):
+        checkpoint.load(path, progress=False)
+    projector.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="has [0-9,]+ bytes, [0-9,]+ when it was written"):
+        checkpoint.load(path, progress=False)
+    projector.unlink()
+    with pytest.raises(CheckpointError, match="projector.safetensors is missing"):
+        checkpoint.load(path, progress=False)
+
+
+def test_hidden_sizes_that_contradict_the_weights_are_refused(tmp_path):
+    path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    raw = json.loads((path / "refrag.json").read_text())
+    (path / "refrag.json").write_text(json.dumps({**raw, "decoder_hidden": raw["decoder_hidden"] + 1}))
+    with pytest.raises(CheckpointError, match="but its projector maps"):
+        checkpoint.load(path, progress=False)
+
+
+def test_the_shipped_checkpoint_records_its_files():
+    manifest = CheckpointManifest.read(checkpoint.DEFAULT_CHECKPOINT)
+    assert "projector.safetensors" in manifest.files and "decoder_adapter/adapter_model.safetensors" in manifest.files
+    manifest.verify(checkpoint.DEFAULT_CHECKPOINT)  # sha256 of every shipped file, as committed
 
 
 def test_one_reader_for_checkpoint_and_index_manifests(tmp_path):

@@ -2,6 +2,7 @@
 policy seam, and its place in a checkpoint."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -100,5 +101,9 @@ def test_the_policy_ships_inside_the_checkpoint(tmp_path):
     torch.testing.assert_close(loaded.policy_network(enc, mask), model.policy_network(enc, mask))
     assert not any(p.requires_grad for p in loaded.policy_network.parameters())
     (path / "policy" / "policy.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="policy/policy.safetensors has 10 bytes"):  # its record, on load
+        checkpoint.load(path, dtype="float32")
+    manifest = json.loads((path / "refrag.json").read_text())
+    (path / "refrag.json").write_text(json.dumps({**manifest, "files": {}}))  # as written before files were recorded
     with pytest.raises(CheckpointError, match="learned policy"):
         checkpoint.load(path, dtype="float32")

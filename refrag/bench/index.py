@@ -142,7 +142,7 @@ def bench_index(
         machine=machine_info(),
         load_average=os.getloadavg(),
         passages=len(index),
-        chunks=sum(e["chunks"] for e in index.manifest.shards),
+        chunks=sum(e.chunks for e in index.manifest.shards),
         build_s=build["total_s"],
         passages_per_s=build["passages"] / build["total_s"],
         chunks_per_s=build["chunks"] / build["chunk_encode_s"],

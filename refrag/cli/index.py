@@ -1,4 +1,4 @@
-"""`refrag index build|add|wiki-corpus`: build and extend retrieval indexes."""
+"""`refrag index build|add|remove|update|check|wiki-corpus`: build, change and verify retrieval indexes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ def _print_stats(stats, path: Path, json_out: bool) -> None:
         print_json({**asdict(stats), "passages_per_s": stats.passages_per_s, "chunks_per_s": stats.chunks_per_s,
                     "index": str(path)})
         return
-    typer.echo(f"{path}: +{stats.passages} passages, {stats.chunks} chunks in {stats.total_s:.1f}s "
+    removed = f", -{stats.removed} removed" if stats.removed else ""
+    typer.echo(f"{path}: +{stats.passages} passages{removed}, {stats.chunks} chunks in {stats.total_s:.1f}s "
                f"({stats.passages_per_s:.1f} passages/s, chunk encoder {stats.chunks_per_s:.0f} chunks/s)")
+    if stats.skipped_duplicates:
+        typer.echo(f"skipped {stats.skipped_duplicates} passages already in the index (same source file and text)")
 
 
 @app.command("build")
@@ -68,6 +71,48 @@ def add_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False, *, 
     index = Index.open(index_path)
     m = choice.for_index(index).load(progress=not json_out, merge=False)
     _print_stats(index.add(sources, m, progress=not json_out), index_path, json_out)
+
+
+@app.command("remove")
+def remove_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False) -> None:
+    """Take the passages of SOURCES (files, or folders: every file under them) out of an index (atomically;
+    nothing is re-encoded, no model loads)."""
+    from refrag.index import Index
+
+    _print_stats(Index.open(index_path).remove(sources, progress=not json_out), index_path, json_out)
+
+
+@app.command("update")
+@model_options()
+def update_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False, *, choice: ModelChoice) -> None:
+    """Re-index SOURCES as they are now: their old passages out, their current text in (one atomic swap)."""
+    setup_torch()
+    from refrag.index import Index
+    from refrag.index.ingest import find_files
+
+    index = Index.open(index_path)
+    find_files(sources)  # missing sources before the model loads
+    m = choice.for_index(index).load(progress=not json_out, merge=False)
+    _print_stats(index.update(sources, m, progress=not json_out), index_path, json_out)
+
+
+@app.command("check")
+def check_cmd(index_path: IndexPath, json_out: Json = False) -> None:
+    """Verify an index end to end: every file's sha256, every chunk vector finite, metadata and counts.
+    Exits with status 1 and lists every problem when it is damaged."""
+    from refrag.index.check import check_index
+
+    report = check_index(index_path, progress=not json_out)
+    if json_out:
+        print_json({**asdict(report), "path": str(report.path), "ok": report.ok})
+    else:
+        typer.echo(f"{report.path}: {report.passages} passages, {report.chunks} chunks, "
+                   f"{report.files_checked} files checksummed")
+        for problem in report.problems:
+            typer.echo(f"  problem: {problem}", err=True)
+        typer.echo("ok" if report.ok else f"{len(report.problems)} problem(s) found")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("wiki-corpus")

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from refrag.chunking import Passage, make_passage, split_passages
 from refrag.config import DEFAULT_ENCODER, ChunkingOptions, check_top_k
 from refrag.errors import CheckpointError, InputError
-from refrag.index.chunkstore import PassageMeta, ShardReader, ShardWriter
+from refrag.index.chunkstore import REBUILD, PassageMeta, ShardReader, ShardWriter, content_id
 from refrag.index.ingest import iter_documents
 from refrag.index.manifest import INDEX, EncoderKey, IndexManifest, RetrievalInfo
 from refrag.index.retrieval import RetrievalEncoder
 from refrag.index.store import StoreOptions, VectorStore, create_store, open_store
+from refrag.integrity import record, verify
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.modeling import RefragModel
 
@@ -65,6 +66,8 @@ class BuildStats:
     total_s: float  # wall time of the whole build/add
     chunk_encode_s: float  # chunk encoder (RefragModel.encode_chunks)
     retrieval_encode_s: float  # retrieval encoder (sentence-transformers)
+    skipped_duplicates: int = 0  # passages already in the index (same source file and text), not added again
+    removed: int = 0  # passages taken out (``remove`` / ``update``)
 
     @property
     def passages_per_s(self) -> float:
@@ -104,8 +107,9 @@ class Index:
             retrieval_encoder=manifest.retrieval.encoder,
             store=StoreOptions(**manifest.retrieval.store),
         )
-        self.shards = [ShardReader(path, entry) for entry in manifest.shards]
+        self.shards = [ShardReader(path, entry, manifest.model.k, manifest.chunk_dim) for entry in manifest.shards]
         self._starts = list(np.cumsum([0] + [len(s) for s in self.shards]))  # global id of each shard's row 0
+        verify(path, manifest.store_files, checksums=False, remedy=REBUILD)
         self.store: VectorStore = open_store(path, self.options.store, manifest.retrieval.dim)
         if len(self.store) != len(self):
             raise CheckpointError(f"{path}: {len(self.store)} retrieval vectors for {len(self)} passages; rebuild.")
@@ -134,8 +138,8 @@ class Index:
         )
         store = create_store(options.store, retriever.dim)
         with atomic_dir(out, replaces=(MANIFEST, "refrag index")) as tmp:
-            stats = _ingest(tmp, paths, model, retriever, store, manifest, options, progress)
-            store.save(tmp)
+            stats = _ingest(tmp, paths, model, retriever, store, manifest, options, progress, seen=set())
+            _save_store(store, tmp, manifest)
             manifest.builds.append(asdict(stats))
             write_json_atomic(tmp / MANIFEST, manifest.to_json())
         index = cls.open(out)
@@ -156,25 +160,87 @@ class Index:
         batch_passages: int = 128,
         progress: bool = True,
     ) -> BuildStats:
-        """Append the passages of ``paths``. Existing shards are kept (hard-linked); the swap is atomic."""
-        self.check_model(model)
-        manifest = replace(self.manifest, shards=list(self.manifest.shards), builds=list(self.manifest.builds))
+        """Append the passages of ``paths`` that are not in the index yet (same source file and text: skipped,
+        counted in ``skipped_duplicates``). Existing shards are kept (hard-linked); the swap is atomic."""
+        return self._rewrite(np.zeros(len(self), dtype=bool), paths, model, batch_passages, progress)
+
+    def remove(self, sources: Sequence[str | Path] | str | Path, *, progress: bool = True) -> BuildStats:
+        """Take out every passage that came from ``sources`` (files, or folders: every file under them);
+        passages after them are renumbered. Nothing is re-encoded; the swap is atomic."""
+        drop = self._rows_from(sources)
+        if not drop.any():
+            raise InputError(f"no passage of {self.path} comes from {_names(sources)}: nothing to remove "
+                             f"(its sources include {', '.join(sorted(set(self._sources()))[:5])}).")
+        if drop.all():
+            raise InputError(f"every passage of {self.path} comes from {_names(sources)}: removing them would leave "
+                             "an empty index. Delete the folder instead, or build a new index.")
+        return self._rewrite(drop, None, None, 128, progress)
+
+    def update(
+        self,
+        sources: Sequence[str | Path] | str | Path,
+        model: RefragModel,
+        *,
+        batch_passages: int = 128,
+        progress: bool = True,
+    ) -> BuildStats:
+        """Re-index ``sources`` as they are now: their old passages out, their current text in, one atomic swap
+        (a file new to the index is simply added)."""
+        return self._rewrite(self._rows_from(sources), sources, model, batch_passages, progress)
+
+    def _rewrite(self, drop: np.ndarray, paths, model: RefragModel | None, batch_passages: int,
+                 progress: bool) -> BuildStats:
+        """The index without the passages where ``drop`` [len(self)] bool is True, plus the new passages of
+        ``paths`` (encoded with ``model``), swapped in atomically: untouched shards are hard-linked, a shard
+        that loses rows is rewritten from its stored rows. If anything fails, ``self`` is intact."""
+        if model is not None:
+            self.check_model(model)
+        t0 = time.perf_counter()
+        manifest = replace(self.manifest, shards=[], builds=list(self.manifest.builds))
         options = IndexOptions(self.options.passage_tokens, self.options.retrieval_encoder, self.options.store,
                                batch_passages=batch_passages)
         with atomic_dir(self.path) as tmp:
-            for entry in manifest.shards:
-                for suffix in (".safetensors", ".jsonl"):
-                    _link_or_copy(self.path / f"{entry['name']}{suffix}", tmp / f"{entry['name']}{suffix}")
-            if (self.path / "lance").is_dir():
+            for shard, start in zip(self.shards, self._starts):
+                keep = ~drop[start : start + len(shard)]
+                if keep.all():
+                    for name in shard.entry.file_names:
+                        _link_or_copy(self.path / name, tmp / name)
+                    manifest.shards.append(shard.entry)
+                elif keep.any():
+                    manifest.shards.append(shard.subset(keep, tmp))
+            store = open_store(self.path, self.options.store, manifest.retrieval.dim)
+            if drop.any():
+                store = store.subset(~drop)
+            elif (self.path / "lance").is_dir():
                 shutil.copytree(self.path / "lance", tmp / "lance")
-            store = open_store(self.path, self.options.store, manifest.retrieval.dim)  # if add fails,
-            stats = _ingest(tmp, paths, model, self.retriever, store, manifest, options, progress)  # self is intact
-            store.save(tmp)
+            seen = {int(i) for shard, start in zip(self.shards, self._starts)
+                    for i in shard.content_ids()[~drop[start : start + len(shard)]]}
+            stats = (_ingest(tmp, paths, model, self.retriever, store, manifest, options, progress, seen=seen)
+                     if paths is not None and model is not None else BuildStats(0, 0, 0.0, 0.0, 0.0))
+            stats = replace(stats, total_s=time.perf_counter() - t0, removed=int(drop.sum()))
+            _save_store(store, tmp, manifest)
             manifest.builds.append(asdict(stats))
             write_json_atomic(tmp / MANIFEST, manifest.to_json())
         self._load(manifest)  # the swapped-in folder
         self.stats = stats
         return stats
+
+    def _sources(self) -> list[str]:
+        """[len(self)] the source of every passage, in id order."""
+        return [shard.meta(row).source for shard in self.shards for row in range(len(shard))]
+
+    def _rows_from(self, sources: Sequence[str | Path] | str | Path) -> np.ndarray:
+        """[len(self)] bool: the passages whose source is one of ``sources`` or lies under one of them (paths
+        compared resolved, so ./a.txt and /abs/a.txt are the same file)."""
+        wanted = [os.path.realpath(s) for s in ([sources] if isinstance(sources, (str, Path)) else sources)]
+        if not wanted:
+            raise InputError("give at least one source file or folder.")
+
+        def matches(source: str) -> bool:
+            real = os.path.realpath(source)
+            return any(real == w or real.startswith(w.rstrip(os.sep) + os.sep) for w in wanted)
+
+        return np.array([matches(s) for s in self._sources()], dtype=bool)
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -239,6 +305,21 @@ class Index:
             )
 
 
+def _names(sources: Sequence[str | Path] | str | Path) -> str:
+    return ", ".join(map(str, [sources] if isinstance(sources, (str, Path)) else sources))
+
+
+def _next_shard_name(manifest: IndexManifest) -> str:
+    """One past the highest shard number (names stay unique when ``remove`` dropped shards in the middle)."""
+    return f"shard-{1 + max((int(e.name.rsplit('-', 1)[1]) for e in manifest.shards), default=-1):05d}"
+
+
+def _save_store(store: VectorStore, folder: Path, manifest: IndexManifest) -> None:
+    """Write the vector store and record its files in the manifest."""
+    store.save(folder)
+    manifest.store_files = record(folder, store.FILES)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -255,26 +336,29 @@ def _ingest(
     manifest: IndexManifest,
     options: IndexOptions,
     progress: bool,
+    *,
+    seen: set[int],
 ) -> BuildStats:
-    """Split, encode and write the passages of ``paths`` into ``folder``; appends shards to ``manifest``."""
+    """Split, encode and write the passages of ``paths`` into ``folder``; appends shards to ``manifest``.
+    A passage whose :func:`content_id` is in ``seen`` (already indexed, or earlier in this input) is skipped."""
     t0 = time.perf_counter()
     chunking = ChunkingOptions(k=model.k, passage_tokens=options.passage_tokens)
     timers = {"chunk": 0.0, "retrieval": 0.0}
-    counts = {"passages": 0, "chunks": 0}
+    counts = {"passages": 0, "chunks": 0, "skipped": 0}
     writer = ShardWriter()
-    batch: list[tuple[PassageMeta, Passage]] = []
+    batch: list[tuple[PassageMeta, Passage, int]] = []
 
     def flush_batch() -> None:
         nonlocal writer
         t = time.perf_counter()
-        encoded = model.encode_chunks([c for _, p in batch for c in p.chunks])  # [sum L, E]
+        encoded = model.encode_chunks([c for _, p, _ in batch for c in p.chunks])  # [sum L, E]
         timers["chunk"] += time.perf_counter() - t
         t = time.perf_counter()
-        store.add(retriever.encode([m.text for m, _ in batch]))  # [B, dim]
+        store.add(retriever.encode([m.text for m, _, _ in batch]))  # [B, dim]
         timers["retrieval"] += time.perf_counter() - t
         start = 0
-        for meta, p in batch:
-            writer.append(meta, p.token_ids, encoded[start : start + len(p.chunks)])
+        for meta, p, identity in batch:
+            writer.append(meta, p.token_ids, encoded[start : start + len(p.chunks)], identity)
             start += len(p.chunks)
         counts["passages"] += len(batch)
         counts["chunks"] += start
@@ -285,7 +369,7 @@ def _ingest(
 
     def flush_shard() -> None:
         nonlocal writer
-        manifest.shards.append(writer.write(folder, f"shard-{len(manifest.shards):05d}"))
+        manifest.shards.append(writer.write(folder, _next_shard_name(manifest)))
         writer = ShardWriter()
 
     with torch.inference_mode(), tqdm(desc="indexing", unit="passage", disable=not progress) as bar:
@@ -294,14 +378,19 @@ def _ingest(
             for p in split_passages(doc.text, model.tokenizer, chunking):
                 found = doc.text.find(p.text[:40], cursor)
                 cursor = found if found >= 0 else cursor
-                batch.append((PassageMeta(p.text, doc.source, doc.line, cursor, doc.title), p))
+                identity = content_id(doc.source, p.text)
+                if identity in seen:
+                    counts["skipped"] += 1
+                    continue
+                seen.add(identity)
+                batch.append((PassageMeta(p.text, doc.source, doc.line, cursor, doc.title), p, identity))
                 if len(batch) >= options.batch_passages:
                     flush_batch()
         if batch:
             flush_batch()
         if len(writer):
             flush_shard()
-    if counts["passages"] == 0:
+    if counts["passages"] == 0 and not counts["skipped"]:
         raise InputError(f"no text found in {paths}: the corpus is empty.")
     return BuildStats(counts["passages"], counts["chunks"], time.perf_counter() - t0,
-                      timers["chunk"], timers["retrieval"])
+                      timers["chunk"], timers["retrieval"], counts["skipped"])

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from refrag.config import DEFAULT_DECODER
-from refrag.errors import CheckpointError
-from refrag.manifest import ManifestKind, read_manifest
+from refrag.index.chunkstore import REBUILD, ShardEntry
+from refrag.integrity import FileRecord
+from refrag.manifest import ManifestKind, parse_typed, read_manifest
 from refrag.modeling import RefragModel
 
 INDEX = ManifestKind("index.json", "refrag-index", 1, "refrag index", "build one with `refrag index build`")
@@ -57,23 +58,17 @@ class IndexManifest:
     chunk_dim: int
     retrieval: RetrievalInfo
     chunk_dtype: str = "bfloat16"
-    shards: list[dict[str, Any]] = field(default_factory=list)  # {"name", "passages", "chunks"} per shard
+    shards: list[ShardEntry] = field(default_factory=list)
     builds: list[dict[str, Any]] = field(default_factory=list)  # BuildStats of the build and of every add
+    store_files: dict[str, FileRecord] = field(default_factory=dict)  # the vector store's files as written
 
     def to_json(self) -> dict[str, Any]:
         return {**INDEX.header(), **asdict(self)}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: Path) -> IndexManifest:
-        try:
-            return cls(
-                passage_tokens=int(raw["passage_tokens"]), decoder=str(raw.get("decoder", DEFAULT_DECODER)),
-                model=EncoderKey(**raw["model"]), chunk_dim=int(raw["chunk_dim"]),
-                retrieval=RetrievalInfo(**raw["retrieval"]), chunk_dtype=str(raw.get("chunk_dtype", "bfloat16")),
-                shards=list(raw["shards"]), builds=list(raw.get("builds", [])),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where}/{INDEX.filename} is not a valid index manifest ({e}); rebuild the index.") from e
+        raw = {"decoder": DEFAULT_DECODER, **raw}  # indexes written before the decoder was recorded
+        return parse_typed(cls, raw, f"{where}/{INDEX.filename}", REBUILD)
 
     @classmethod
     def read(cls, path: Path) -> IndexManifest:

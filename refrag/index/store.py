@@ -47,6 +47,8 @@ class StoreOptions:
 class VectorStore(Protocol):
     """What the index needs from a vector store."""
 
+    FILES: tuple[str, ...]  # files ``save`` writes whose size and sha256 the manifest records
+
     def __len__(self) -> int: ...
 
     def add(self, vectors: np.ndarray) -> None:
@@ -57,6 +59,9 @@ class VectorStore(Protocol):
 
     def save(self, folder: Path) -> None:
         """Persist into ``folder`` (a fresh temporary folder inside the index being written)."""
+
+    def subset(self, keep: np.ndarray) -> VectorStore:
+        """A new store of the vectors where ``keep`` [len(self)] bool is True, renumbered 0.. in order."""
 
 
 def _check(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -70,6 +75,7 @@ class FaissStore:
     """FAISS index (flat / HNSW / IVF-PQ), inner-product metric, saved with faiss.write_index (no pickle)."""
 
     FILE = "vectors.faiss"
+    FILES = (FILE,)
 
     def __init__(self, dim: int, options: StoreOptions, index=None) -> None:
         import faiss
@@ -112,6 +118,27 @@ class FaissStore:
         scores, ids = self.index.search(_check(queries, self.dim), top_k)
         return scores, ids.astype(np.int64)
 
+    def subset(self, keep: np.ndarray) -> FaissStore:
+        """Flat / HNSW: the kept vectors exactly. IVF-PQ: the trained quantizers are kept and the kept vectors are
+        re-added from their decoded codes (which encode to the same codes)."""
+        import faiss
+
+        if self._untrained:
+            vectors = np.concatenate(self._untrained)
+        else:
+            if self.options.kind == "ivfpq":
+                self.index.make_direct_map()
+            vectors = self.index.reconstruct_n(0, self.index.ntotal)  # [N, dim]
+        kept = vectors[keep]
+        if self.options.kind == "ivfpq" and self.index.is_trained:
+            index = faiss.clone_index(self.index)
+            index.reset()
+            index.add(kept)
+            return FaissStore(self.dim, self.options, index)
+        store = FaissStore(self.dim, self.options)
+        store.add(kept)
+        return store
+
     def save(self, folder: Path) -> None:
         import faiss
 
@@ -143,6 +170,7 @@ class LanceStore:
     """LanceDB table (id, vector) in ``folder/lance``; brute-force dot-product search, disk-resident."""
 
     DIR, TABLE = "lance", "vectors"
+    FILES = ()  # a LanceDB table is many files that LanceDB versions and checks itself
 
     def __init__(self, dim: int, table=None) -> None:
         self.dim = dim
@@ -163,6 +191,14 @@ class LanceStore:
 
     def add(self, vectors: np.ndarray) -> None:
         self._pending.append(_check(vectors, self.dim))
+
+    def subset(self, keep: np.ndarray) -> LanceStore:
+        rows = self._table.to_arrow().sort_by("id") if self._table is not None else None
+        saved = np.asarray(rows.column("vector").to_pylist(), dtype=np.float32).reshape(-1, self.dim) \
+            if rows is not None else np.zeros((0, self.dim), np.float32)
+        store = LanceStore(self.dim)
+        store.add(np.concatenate([saved, *self._pending])[keep])
+        return store
 
     def search(self, queries: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _check(queries, self.dim)

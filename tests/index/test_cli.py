@@ -113,3 +113,35 @@ def test_build_refuses_a_users_folder_before_loading_any_model(app, corpus, tmp_
     with pytest.raises(InputError, match="top_k must be a positive"):
         run(app, "ask", idx, "Where?", "--top-k", 0)
     assert (mine / "todo.md").read_text() == "keep me"
+
+
+def test_index_check_says_ok_or_lists_every_problem(app, corpus, tmp_path, retrieval_spec):
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
+        "--passage-tokens", 16, "--json")
+    assert run(app, "index", "check", idx).strip().endswith("ok")
+    again = run(app, "index", "add", idx, corpus, "--model", ckpt)
+    assert "+0 passages" in again and "skipped" in again and "already in the index" in again
+    meta = next(idx.glob("*.jsonl"))
+    meta.write_bytes(meta.read_bytes()[:-1] + b"x")  # same size, other bytes
+    (idx / "vectors.faiss").write_bytes(b"")
+    result = CliRunner().invoke(app, ["index", "check", str(idx), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert not report["ok"] and len(report["problems"]) >= 3  # the shard's sha256, the faiss file's size, faiss
+    assert any(meta.name in p and "damaged" in p for p in report["problems"])
+
+
+def test_index_remove_and_update_commands(app, corpus, tmp_path, retrieval_spec):
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    built = json.loads(run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder",
+                           retrieval_spec, "--passage-tokens", 16, "--json"))
+    removed = json.loads(run(app, "index", "remove", idx, corpus / "numbers.txt", "--json"))
+    assert removed["removed"] >= 1 and removed["passages"] == 0
+    (corpus / "numbers.txt").write_text("Letters: a b c.", "utf-8")
+    text = run(app, "index", "update", idx, corpus / "numbers.txt", corpus / "docs.jsonl", "--model", ckpt)
+    assert "+" in text and "removed" in text  # docs.jsonl's passages out and in again, numbers.txt in
+    assert json.loads(run(app, "index", "check", idx, "--json"))["passages"] == built["passages"] - \
+        removed["removed"] + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from index_helpers import DOCS, build, corpus, options, retrieval_spec, rmodel, 
 
 from refrag.errors import CheckpointError, InputError
 from refrag.index import Index
+from refrag.index.check import check_index
 
 
 def test_build_search_roundtrip(corpus, tmp_path, rmodel, options):
@@ -154,7 +156,87 @@ def test_damaged_index_files_are_clear_errors(corpus, tmp_path, rmodel, options,
         target = min(folder.glob("*.jsonl"))
         data = target.read_bytes()
         target.write_bytes(data[:-10] if damage == "meta-truncated" else data[:5] + b"\xff{" + data[7:])
-    with pytest.raises(CheckpointError, match="rebuild the index"):
+    with pytest.raises(CheckpointError, match="(?i)rebuild the index"):
         reopened = Index.open(folder)
         for i in range(len(reopened)):
             reopened.meta(i)
+    report = check_index(folder, progress=False)
+    assert not report.ok and any(target.name in p for p in report.problems)
+
+
+def test_a_sound_index_passes_the_full_check(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    report = check_index(index.path, progress=False)
+    assert report.ok, report.problems
+    assert report.passages == len(index) and report.files_checked == 2 * len(index.manifest.shards) + 1
+
+
+def test_nan_vectors_of_the_same_size_are_found_by_the_check(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    shard = index.path / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    begin, _ = json.loads(data[8:header])["chunks"]["data_offsets"]
+    data[header + begin : header + begin + 4] = b"\xc0\x7f\xc0\x7f"  # two bf16 NaNs in the first chunk row
+    shard.write_bytes(bytes(data))
+    Index.open(index.path)  # same sizes, sound structure: opening does not read every vector
+    problems = check_index(index.path, progress=False).problems
+    assert any("1 of" in p and "not finite" in p for p in problems)
+    assert any("shard-00000.safetensors is damaged" in p for p in problems)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["model"].update(k="4"), r"field model\.k: expected int"),
+    (lambda m: m["shards"][0].update(passages=None), r"field shards\[0\]\.passages: expected int"),
+    (lambda m: m.pop("chunk_dim"), r"field chunk_dim: missing"),
+    (lambda m: m["model"].update(k=8), r"chunk counts are not ceil\(tokens / 8\)"),
+    (lambda m: m.update(chunk_dim=m["chunk_dim"] + 1), r"wide chunk rows"),
+    (lambda m: m["shards"][1].update(chunks=m["shards"][1]["chunks"] + 1), r"chunk rows, the manifest says"),
+])
+def test_a_manifest_that_contradicts_its_files_is_refused(corpus, tmp_path, rmodel, options, change, message):
+    index = build(corpus, tmp_path, rmodel, options)
+    raw = json.loads((index.path / "index.json").read_text())
+    change(raw)
+    (index.path / "index.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=message):
+        Index.open(index.path)
+
+
+def test_adding_what_is_already_there_adds_nothing(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    n = len(index)
+    again = index.add([corpus], rmodel, progress=False)
+    assert again.passages == 0 and again.skipped_duplicates == n and len(Index.open(index.path)) == n
+    extra = tmp_path / "extra.txt"
+    extra.write_text(DOCS[0][1], "utf-8")  # the same text from another file is another passage
+    assert index.add([corpus / "numbers.txt", extra], rmodel, progress=False).passages >= 1
+    assert index.stats.skipped_duplicates >= 1 and check_index(index.path, progress=False).ok
+
+
+def test_remove_and_update_by_source(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    metas = [index.meta(i) for i in range(len(index))]
+    numbers = [m for m in metas if m.source.endswith("numbers.txt")]
+    stats = index.remove([corpus / "numbers.txt"], progress=False)
+    reopened = Index.open(index.path)
+    assert stats.removed == len(numbers) and len(reopened) == len(metas) - len(numbers)
+    assert [reopened.meta(i) for i in range(len(reopened))] == [m for m in metas if m not in numbers]  # in order
+    for pid in range(len(reopened)):  # ids, vectors and stored chunks still line up
+        assert reopened.search(reopened.meta(pid).text, 1)[0].id == pid
+    assert check_index(index.path, progress=False).ok
+    (corpus / "numbers.txt").write_text("Numbers were replaced by letters: a b c d e f g.", "utf-8")
+    updated = index.update([corpus / "numbers.txt"], rmodel, progress=False)
+    assert updated.removed == 0 and updated.passages >= 1  # a file new to the index is simply added
+    (corpus / "sub" / "mountains.md").write_text("# Hills\n\nHills are small mountains.", "utf-8")
+    mountains = sum(m.source.endswith("mountains.md") for m in metas)
+    changed = index.update([corpus / "sub"], rmodel, progress=False)  # a folder: every file under it
+    assert changed.removed == mountains and changed.passages >= 1
+    texts = [Index.open(index.path).meta(i).text for i in range(len(index))]
+    assert any("Hills" in t for t in texts) and not any("clouds" in t for t in texts)
+    assert check_index(index.path, progress=False).ok
+    fresh = Index.build(corpus, tmp_path / "fresh", rmodel, options, progress=False)
+    assert sorted(texts) == sorted(fresh.meta(i).text for i in range(len(fresh)))  # as if rebuilt
+    with pytest.raises(InputError, match="nothing to remove"):
+        index.remove([tmp_path / "elsewhere.txt"], progress=False)
+    with pytest.raises(InputError, match="empty index"):
+        index.remove([corpus], progress=False)

@@ -37,6 +37,21 @@ def test_faiss_finds_each_vector_and_survives_save(kind, tmp_path):
     assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_a_subset_keeps_the_chosen_vectors_renumbered(kind, tmp_path):
+    opts = StoreOptions(kind=kind, ivf_lists=4, ivf_probe=4, pq_m=8)
+    vectors = unit_vectors(400)
+    store = FaissStore(16, opts)
+    store.add(vectors)
+    keep = np.arange(400) % 3 != 0
+    subset = store.subset(keep)
+    assert len(subset) == keep.sum() and len(store) == 400  # the original is left as it was
+    _, ids = subset.search(vectors[keep][::25], 1)
+    assert (ids[:, 0] == np.arange(0, keep.sum(), 25)).mean() >= (1.0 if kind == "flat" else 0.8)
+    subset.save(tmp_path)
+    assert len(FaissStore.open(tmp_path, 16, opts)) == keep.sum()
+
+
 def test_faiss_boundary_errors(tmp_path):
     with pytest.raises(InputError, match=r"\[N, 16\]"):
         FaissStore(16, StoreOptions()).add(np.zeros((3, 8), np.float32))
@@ -79,3 +94,15 @@ def test_index_on_lancedb_build_add_search(corpus, tmp_path, rmodel, options):
     assert len(reopened) > n
     for pid in (0, n):
         assert reopened.search(reopened.meta(pid).text, 2)[0].id == pid
+
+
+@needs_lancedb
+def test_lance_subset(tmp_path):
+    vectors = unit_vectors(20)
+    store = LanceStore(16)
+    store.add(vectors)
+    store.save(tmp_path / "a")
+    subset = LanceStore.open(tmp_path / "a", 16).subset(np.arange(20) >= 5)
+    subset.save(tmp_path / "b")
+    _, ids = LanceStore.open(tmp_path / "b", 16).search(vectors[[5, 19]], 1)
+    assert ids[:, 0].tolist() == [0, 14]

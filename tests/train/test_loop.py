@@ -186,7 +186,7 @@ def test_a_time_box_stops_with_a_checkpoint_and_resumes(tmp_path):
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
     import signal
 
-    import refrag.train.loop as loop
+    from refrag.train import loop
 
     accumulate, calls = loop._accumulate, []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,6 +14,7 @@ from refrag.cli.common import (
     ExpansionChoice,
     Json,
     ModelChoice,
+    apply_threads,
     expansion_options,
     model_options,
     print_json,
@@ -80,20 +82,19 @@ def index_cmd(
     reuse: Annotated[bool, typer.Option(help="reuse the index at --out (its recorded build stats)")] = False,
     recall: Annotated[Path | None, typer.Option(help="QA .jsonl (question, context): recall@1/@5")] = None,
     store_kind: StoreKind = "flat",
-    threads: Annotated[int, typer.Option(help="torch threads (the reference machine has 2 cores)")] = 2,
     json_out: Json = False,
     *,
     choice: ModelChoice,
 ) -> None:
-    """Index build throughput, retrieval latency, TTFT full vs refrag, disk bytes (and recall)."""
+    """Index build throughput, retrieval latency, TTFT full vs refrag, disk bytes (and recall); --threads
+    defaults to 2 here (the reference machine's cores)."""
     setup_torch()
-    import torch
-
     from refrag.bench.index import bench_index, bench_recall, report_json
     from refrag.index import Index, IndexOptions, StoreOptions, wiki_corpus
     from refrag.models import cache_root
 
-    torch.set_num_threads(threads)
+    choice = replace(choice, threads=choice.threads or 2)
+    apply_threads(choice.threads)
     out = out.expanduser()
     if not corpus:
         wiki = cache_root() / "data" / "wiki_vital_summaries_en.jsonl"

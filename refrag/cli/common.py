@@ -34,6 +34,8 @@ Encoder = Annotated[str | None, typer.Option(
 K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compressed chunk (default: {DEFAULT_K}, "
                                                    "or the checkpoint's / the index's)", show_default=False)]
 DType = Annotated[str, typer.Option(help="bfloat16 (fast on CPUs with AMX) or float32")]
+Threads = Annotated[int | None, typer.Option(
+    help="torch CPU threads (default: one per core; 1 when other processes keep a core busy)", show_default=False)]
 
 
 def flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -58,6 +60,19 @@ def option_group(target: str, build: Callable[..., Any], params: tuple[inspect.P
     return decorate
 
 
+def apply_threads(threads: int | None) -> None:
+    """``--threads``: ``torch.set_num_threads`` when it was given (before any model work)."""
+    if threads is None:
+        return
+    from refrag.errors import InputError
+
+    if threads < 1:
+        raise InputError(f"--threads must be >= 1 (got {threads}).")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     """What the user asked for: a checkpoint, or decoder + encoder + k (None: the default, or the checkpoint's /
@@ -68,11 +83,13 @@ class ModelChoice:
     encoder: str | None = None
     k: int | None = None
     dtype: str = "bfloat16"
+    threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
 
     def load(self, *, progress: bool = True, merge: bool = True):
-        """The RefragModel (``refrag.load_model``)."""
+        """The RefragModel (``refrag.load_model``), after ``apply_threads``."""
         from refrag.checkpoint import load_model
 
+        apply_threads(self.threads)
         return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
                           progress=progress, merge=merge)
 
@@ -96,7 +113,7 @@ class ModelChoice:
         key = index.manifest.model
         built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
         if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
-            return ModelChoice(str(built_from), dtype=self.dtype)
+            return ModelChoice(str(built_from), dtype=self.dtype, threads=self.threads)
         from refrag.encoders import BUILT_FROM_DECODER
 
         if key.chunk_encoder in BUILT_FROM_DECODER:  # trained from the decoder: its weights live in a checkpoint
@@ -105,20 +122,21 @@ class ModelChoice:
             raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "
                              "checkpoint that built it with --model.")
         return ModelChoice(None, self.decoder or index.manifest.decoder, self.encoder or key.chunk_encoder,
-                           self.k or key.k, self.dtype)
+                           self.k or key.k, self.dtype, self.threads)
 
 
-def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True):
+def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True):
     """The model-selection flags as one group (a command receives ``choice: ModelChoice``); ``k=False`` for a
     command that declares its own ``--k`` (several compression rates), ``checkpoint=False`` where ``--init``
-    names the checkpoint."""
+    names the checkpoint, ``threads=False`` where another group declares ``--threads`` (training's loop)."""
     params = [flag("decoder", Decoder, None), flag("encoder", Encoder, None)]
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
     params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
+    params += [flag("threads", Threads, None)] if threads else []
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
-              k: int | None = None, dtype: str = "bfloat16") -> ModelChoice:
-        return ModelChoice(model, decoder, encoder, k, dtype)
+              k: int | None = None, dtype: str = "bfloat16", threads: int | None = None) -> ModelChoice:
+        return ModelChoice(model, decoder, encoder, k, dtype, threads)
 
     return option_group("choice", build, tuple(params))
 

@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from refrag.cli.common import ModelChoice, flag, model_options, option_group, setup_torch
+from refrag.cli.common import (
+    ModelChoice,
+    Threads,
+    apply_threads,
+    flag,
+    model_options,
+    option_group,
+    setup_torch,
+)
 
 if TYPE_CHECKING:
     from refrag.config import RefragConfig
@@ -53,10 +61,12 @@ def _data_group():
 
 
 def _loop_group(out: str, steps: int, micro_batch_size: int):
-    """The shared loop's flags -> TrainOptions (per-stage defaults for the output folder, steps, micro-batch)."""
+    """The shared loop's flags -> TrainOptions (per-stage defaults for the output folder, steps, micro-batch);
+    ``--threads`` is applied as the flags are read, before any model loads."""
     def build(**values: Any):
         from refrag.train.loop import TrainOptions
 
+        apply_threads(values.pop("threads"))
         return TrainOptions(out_dir=values.pop("out"), **values)
 
     opt = typer.Option
@@ -81,6 +91,7 @@ def _loop_group(out: str, steps: int, micro_batch_size: int):
         flag("max_minutes", Annotated[float | None, opt(help="stop (with a checkpoint) after this many minutes of "
                                                               "this run (equal-budget comparisons, time boxes)")],
              None),
+        flag("threads", Threads, None),
     ))
 
 
@@ -118,7 +129,7 @@ def _run(stage: str, init: str | None, fresh: RefragConfig | None, data, stage_o
 
 
 @app.command("reconstruct")
-@model_options(checkpoint=False, dtype=False)
+@model_options(checkpoint=False, dtype=False, threads=False)
 @_encoder_group()
 @_data_group()
 @_loop_group("runs/reconstruct", steps=1000, micro_batch_size=8)

@@ -15,7 +15,7 @@ from refrag import checkpoint
 from refrag.cli import ask as ask_cli
 from refrag.cli import index as cli
 from refrag.cli.common import ModelChoice
-from refrag.errors import CheckpointError
+from refrag.errors import CheckpointError, InputError
 from refrag.index import Index
 
 
@@ -145,3 +145,21 @@ def test_index_remove_and_update_commands(app, corpus, tmp_path, retrieval_spec)
     assert "+" in text and "removed" in text  # docs.jsonl's passages out and in again, numbers.txt in
     assert json.loads(run(app, "index", "check", idx, "--json"))["passages"] == built["passages"] - \
         removed["removed"] + 1
+
+
+def test_threads_is_applied_before_the_model_loads(app, corpus, tmp_path, retrieval_spec, monkeypatch):
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    before = torch.get_num_threads()
+    try:
+        run(app, "index", "build", corpus, "--out", tmp_path / "idx", "--model", ckpt, "--retrieval-encoder",
+            retrieval_spec, "--passage-tokens", 16, "--threads", 1, "--json")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded despite a bad --threads")
+
+    monkeypatch.setattr("refrag.checkpoint.load_model", no_model)
+    with pytest.raises(InputError, match="--threads must be >= 1"):
+        run(app, "index", "add", tmp_path / "idx", corpus, "--model", ckpt, "--threads", 0)

@@ -93,7 +93,7 @@ def index_cmd(
     from refrag.index import Index, IndexOptions, StoreOptions, wiki_corpus
     from refrag.models import cache_root
 
-    choice = replace(choice, threads=choice.threads or 2)
+    choice = replace(choice, threads=2 if choice.threads is None else choice.threads)
     apply_threads(choice.threads)
     out = out.expanduser()
     if not corpus:

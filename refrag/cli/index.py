@@ -108,6 +108,8 @@ def check_cmd(index_path: IndexPath, json_out: Json = False) -> None:
     else:
         typer.echo(f"{report.path}: {report.passages} passages, {report.chunks} chunks, "
                    f"{report.files_checked} files checksummed")
+        for warning in report.warnings:
+            typer.echo(f"  warning: {warning}", err=True)
         for problem in report.problems:
             typer.echo(f"  problem: {problem}", err=True)
         typer.echo("ok" if report.ok else f"{len(report.problems)} problem(s) found")

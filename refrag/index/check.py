@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from refrag.errors import CheckpointError
+from refrag.errors import CheckpointError, RefragError
 from refrag.index.chunkstore import ShardReader
 from refrag.index.manifest import IndexManifest
 from refrag.index.store import StoreOptions, open_store
@@ -24,13 +24,15 @@ BLOCK_ROWS = 65536  # chunk rows read at a time for the finiteness scan ([BLOCK_
 
 @dataclass
 class IndexReport:
-    """What ``check_index`` found: ``problems`` is empty for a sound index."""
+    """What ``check_index`` found: ``problems`` is empty for a sound index; ``warnings`` are what could not be
+    checked."""
 
     path: Path
     passages: int = 0
     chunks: int = 0
     files_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -50,7 +52,7 @@ def check_index(path: str | Path, *, progress: bool = True) -> IndexReport:
         report.problems += problems(folder, files, checksums=True)
         report.files_checked += len(files)
     if any(not e.files for e in manifest.shards):
-        report.problems.append("some shards have no recorded checksums (written before refrag recorded them): "
+        report.warnings.append("some shards have no recorded checksums (written before refrag recorded them): "
                                "their structure was checked, not their bytes; rebuild the index to record them")
     for entry in tqdm(manifest.shards, desc="checking", unit="shard", disable=not progress):
         try:
@@ -66,7 +68,7 @@ def check_index(path: str | Path, *, progress: bool = True) -> IndexReport:
         if len(store) != sum(e.passages for e in manifest.shards):
             report.problems.append(f"the vector store holds {len(store)} vectors for "
                                    f"{sum(e.passages for e in manifest.shards)} passages")
-    except CheckpointError as e:
+    except RefragError as e:  # also a missing optional package (lancedb)
         report.problems.append(str(e))
     return report
 

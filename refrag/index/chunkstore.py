@@ -33,9 +33,9 @@ STORE_DTYPE = torch.bfloat16
 REBUILD = "Rebuild the index (`refrag index build`), or restore its folder from a backup."
 
 
-def content_id(source: str, text: str) -> int:
-    """A passage's identity: the first 8 bytes of sha256(resolved source path, text), as an int64."""
-    digest = hashlib.sha256(f"{os.path.realpath(source)}\0{text}".encode()).digest()
+def content_id(path: str, text: str) -> int:
+    """A passage's identity: the first 8 bytes of sha256(absolute source path, text), as an int64."""
+    digest = hashlib.sha256(f"{path}\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
@@ -58,10 +58,16 @@ class PassageMeta:
     """Where a passage came from."""
 
     text: str
-    source: str  # file path
+    source: str  # file path as given to build / add (what answers cite)
     line: int  # 1-based line of a .jsonl file (0 for .txt / .md)
     offset: int  # character offset of the passage's start in its document's text (best effort)
     title: str
+    path: str = ""  # the source resolved to an absolute path at ingest (what remove / update match); "" before 0.9
+
+    @property
+    def resolved(self) -> str:
+        """The absolute source path (older indexes: ``source`` resolved against the current folder)."""
+        return self.path or os.path.realpath(self.source)
 
 
 class ShardWriter:
@@ -184,4 +190,4 @@ class ShardReader:
         refrag stored them)."""
         if "content_ids" in self._file.keys():  # noqa: SIM118 (safe_open has no __contains__)
             return self._file.get_tensor("content_ids").numpy()
-        return np.array([content_id(m.source, m.text) for m in map(self.meta, range(len(self)))], dtype=np.int64)
+        return np.array([content_id(m.resolved, m.text) for m in map(self.meta, range(len(self)))], dtype=np.int64)

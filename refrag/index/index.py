@@ -215,7 +215,8 @@ class Index:
                 shutil.copytree(self.path / "lance", tmp / "lance")
             seen = {int(i) for shard, start in zip(self.shards, self._starts)
                     for i in shard.content_ids()[~drop[start : start + len(shard)]]}
-            stats = (_ingest(tmp, paths, model, self.retriever, store, manifest, options, progress, seen=seen)
+            stats = (_ingest(tmp, paths, model, self.retriever, store, manifest, options, progress, seen=seen,
+                             may_be_empty=bool(drop.any()))
                      if paths is not None and model is not None else BuildStats(0, 0, 0.0, 0.0, 0.0))
             stats = replace(stats, total_s=time.perf_counter() - t0, removed=int(drop.sum()))
             _save_store(store, tmp, manifest)
@@ -226,8 +227,8 @@ class Index:
         return stats
 
     def _sources(self) -> list[str]:
-        """[len(self)] the source of every passage, in id order."""
-        return [shard.meta(row).source for shard in self.shards for row in range(len(shard))]
+        """[len(self)] the absolute source path of every passage, in id order."""
+        return [shard.meta(row).resolved for shard in self.shards for row in range(len(shard))]
 
     def _rows_from(self, sources: Sequence[str | Path] | str | Path) -> np.ndarray:
         """[len(self)] bool: the passages whose source is one of ``sources`` or lies under one of them (paths
@@ -236,8 +237,7 @@ class Index:
         if not wanted:
             raise InputError("give at least one source file or folder.")
 
-        def matches(source: str) -> bool:
-            real = os.path.realpath(source)
+        def matches(real: str) -> bool:
             return any(real == w or real.startswith(w.rstrip(os.sep) + os.sep) for w in wanted)
 
         return np.array([matches(s) for s in self._sources()], dtype=bool)
@@ -338,9 +338,11 @@ def _ingest(
     progress: bool,
     *,
     seen: set[int],
+    may_be_empty: bool = False,
 ) -> BuildStats:
     """Split, encode and write the passages of ``paths`` into ``folder``; appends shards to ``manifest``.
-    A passage whose :func:`content_id` is in ``seen`` (already indexed, or earlier in this input) is skipped."""
+    A passage whose :func:`content_id` is in ``seen`` (already indexed, or earlier in this input) is skipped.
+    ``may_be_empty``: no text is not an error (``update`` of a file that was emptied)."""
     t0 = time.perf_counter()
     chunking = ChunkingOptions(k=model.k, passage_tokens=options.passage_tokens)
     timers = {"chunk": 0.0, "retrieval": 0.0}
@@ -378,19 +380,20 @@ def _ingest(
             for p in split_passages(doc.text, model.tokenizer, chunking):
                 found = doc.text.find(p.text[:40], cursor)
                 cursor = found if found >= 0 else cursor
-                identity = content_id(doc.source, p.text)
+                path = os.path.realpath(doc.source)
+                identity = content_id(path, p.text)
                 if identity in seen:
                     counts["skipped"] += 1
                     continue
                 seen.add(identity)
-                batch.append((PassageMeta(p.text, doc.source, doc.line, cursor, doc.title), p, identity))
+                batch.append((PassageMeta(p.text, doc.source, doc.line, cursor, doc.title, path), p, identity))
                 if len(batch) >= options.batch_passages:
                     flush_batch()
         if batch:
             flush_batch()
         if len(writer):
             flush_shard()
-    if counts["passages"] == 0 and not counts["skipped"]:
+    if counts["passages"] == 0 and not counts["skipped"] and not may_be_empty:
         raise InputError(f"no text found in {paths}: the corpus is empty.")
     return BuildStats(counts["passages"], counts["chunks"], time.perf_counter() - t0,
                       timers["chunk"], timers["retrieval"], counts["skipped"])

@@ -120,7 +120,8 @@ class FaissStore:
 
     def subset(self, keep: np.ndarray) -> FaissStore:
         """Flat / HNSW: the kept vectors exactly. IVF-PQ: the trained quantizers are kept and the kept vectors are
-        re-added from their decoded codes (which encode to the same codes)."""
+        re-added from their decoded codes: a second quantization, so a vector may move to a neighbouring list or
+        code (recall can drift a little with every remove / update; rebuild to start clean)."""
         import faiss
 
         if self._untrained:

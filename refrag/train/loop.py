@@ -153,14 +153,15 @@ def _stop_requests() -> Iterator[threading.Event]:
         yield requested
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: a handler set outside Python
 
 
-def _should_stop(started: float, minutes: float | None, requested: threading.Event, world: int) -> bool:
+def _should_stop(started: float, minutes: float | None, requested: threading.Event, world: int,
+                 device: torch.device) -> bool:
     """Whether the time box is spent or a stop was requested, decided for all ranks at once (ranks stopping
-    apart would hang all_reduce)."""
+    apart would hang all_reduce; the flag lives on the model's device, as NCCL needs)."""
     up = requested.is_set() or (minutes is not None and time.perf_counter() - started > 60 * minutes)
-    flag = torch.tensor(float(up))
+    flag = torch.tensor(float(up), device=device)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
@@ -217,7 +218,7 @@ def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
                 lg.log_dict(metrics, step)
             bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")
             bar.update(1)
-            if _should_stop(started, options.max_minutes, requested, world):
+            if _should_stop(started, options.max_minutes, requested, world, params[0].device):
                 last = step  # time box spent or SIGTERM / Ctrl-C: checkpoint now and stop (--resume continues)
             if rank == 0 and (options.save_every and step % options.save_every == 0 or step == last):
                 save_state(options.out_dir, model, optimizer, TrainerState(step, task.stage))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -139,10 +140,10 @@ def test_index_remove_and_update_commands(app, corpus, tmp_path, retrieval_spec)
     built = json.loads(run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder",
                            retrieval_spec, "--passage-tokens", 16, "--json"))
     removed = json.loads(run(app, "index", "remove", idx, corpus / "numbers.txt", "--json"))
-    assert removed["removed"] >= 1 and removed["passages"] == 0
+    assert removed["removed"] >= 1
     (corpus / "numbers.txt").write_text("Letters: a b c.", "utf-8")
     text = run(app, "index", "update", idx, corpus / "numbers.txt", corpus / "docs.jsonl", "--model", ckpt)
-    assert "+" in text and "removed" in text  # docs.jsonl's passages out and in again, numbers.txt in
+    assert re.search(r"\+[1-9]\d* passages, -[1-9]\d* removed", text)  # docs.jsonl out and in again, numbers in
     assert json.loads(run(app, "index", "check", idx, "--json"))["passages"] == built["passages"] - \
         removed["removed"] + 1
 
@@ -150,6 +151,7 @@ def test_index_remove_and_update_commands(app, corpus, tmp_path, retrieval_spec)
 def test_threads_is_applied_before_the_model_loads(app, corpus, tmp_path, retrieval_spec, monkeypatch):
     ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that 1 is a change on any machine
     try:
         run(app, "index", "build", corpus, "--out", tmp_path / "idx", "--model", ckpt, "--retrieval-encoder",
             retrieval_spec, "--passage-tokens", 16, "--threads", 1, "--json")

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_refrag
@@ -236,7 +237,54 @@ def test_remove_and_update_by_source(corpus, tmp_path, rmodel, options):
     assert check_index(index.path, progress=False).ok
     fresh = Index.build(corpus, tmp_path / "fresh", rmodel, options, progress=False)
     assert sorted(texts) == sorted(fresh.meta(i).text for i in range(len(fresh)))  # as if rebuilt
+    (corpus / "numbers.txt").write_text("", "utf-8")
+    emptied = index.update([corpus / "numbers.txt"], rmodel, progress=False)  # an emptied file: its passages out
+    assert emptied.removed >= 1 and emptied.passages == 0
     with pytest.raises(InputError, match="nothing to remove"):
         index.remove([tmp_path / "elsewhere.txt"], progress=False)
     with pytest.raises(InputError, match="empty index"):
         index.remove([corpus], progress=False)
+
+
+def _as_written_before_records(folder: Path) -> None:
+    """Rewrite an index as refrag 0.8 wrote it: plain shard entries, no file records, no content_ids tensor,
+    metadata lines without the resolved path."""
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        tensors = load_file(str(folder / f"{entry['name']}.safetensors"))
+        del tensors["content_ids"]
+        lines = [json.dumps({k: v for k, v in json.loads(line).items() if k != "path"}).encode() + b"\n"
+                 for line in (folder / f"{entry['name']}.jsonl").read_bytes().splitlines()]
+        (folder / f"{entry['name']}.jsonl").write_bytes(b"".join(lines))
+        tensors["meta_offsets"] = torch.tensor([0, *np.cumsum([len(b) for b in lines])], dtype=torch.int64)
+        save_file(tensors, str(folder / f"{entry['name']}.safetensors"))
+        entry.pop("files")
+    manifest.pop("store_files")
+    (folder / "index.json").write_text(json.dumps(manifest))
+
+
+def test_an_index_written_before_file_records_still_opens_adds_and_removes(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    n = len(index)
+    _as_written_before_records(index.path)
+    old = Index.open(index.path)
+    assert len(old) == n and old.meta(0).path == ""
+    report = check_index(index.path, progress=False)
+    assert report.ok and report.warnings and report.files_checked == 0
+    assert old.add([corpus], rmodel, progress=False).skipped_duplicates == n  # identities computed from metadata
+    assert old.remove([corpus / "numbers.txt"], progress=False).removed >= 1
+    assert check_index(index.path, progress=False).ok
+
+
+def test_sources_are_matched_by_absolute_path_from_any_folder(corpus, tmp_path, rmodel, options, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    index = Index.build([Path(corpus.name)], tmp_path / "idx", rmodel, options, progress=False)  # a relative path
+    assert not Path(index.meta(0).source).is_absolute() and Path(index.meta(0).path).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    removed = index.remove([corpus / "numbers.txt"], progress=False).removed
+    assert removed >= 1
+    assert index.add([corpus], rmodel, progress=False).passages == removed  # the rest is recognised, not re-added

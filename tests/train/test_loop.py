@@ -201,7 +201,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, mon
     stopped = reconstruct(model, corpus(model), STAGE, options(tmp_path / "b", save_every=0))
     assert stopped.steps == 2 and stopped.final_dir is None
     assert (tmp_path / "b" / "checkpoint" / "model" / "refrag.json").is_file()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone after training
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     monkeypatch.setattr(loop, "_accumulate", accumulate)
     model2 = tiny_refrag("llama", k=4)
     assert reconstruct(model2, corpus(model2), STAGE, options(tmp_path / "b", resume=True)).steps == 6

@@ -33,6 +33,7 @@ class BatchOptions:
     compression: CompressionOptions = CompressionOptions()
     sampling: SamplingOptions = SamplingOptions()
     hit_filter: HitFilter = HitFilter()
+    max_positions: int | None = None  # Pipeline.retrieve's cap (lowest-ranked passages dropped to fit)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -123,13 +124,14 @@ def _answer_batch(pipeline: Pipeline, batch: list[_Question], options: BatchOpti
     found: list[tuple[_Question, Retrieved]] = []
     try:
         retrieved = pipeline.retrieve_many([q.text for q in batch], top_k=options.top_k,
-                                           compression=options.compression, hit_filter=options.hit_filter)
+                                           compression=options.compression, hit_filter=options.hit_filter,
+                                           max_positions=options.max_positions)
         found = list(zip(batch, retrieved))
     except RefragError:  # one question's filter left nothing: retrieve them one by one
         for q in batch:
             try:
                 found.append((q, pipeline.retrieve(q.text, top_k=options.top_k, compression=options.compression,
-                                                   hit_filter=options.hit_filter)))
+                                                   hit_filter=options.hit_filter, max_positions=options.max_positions)))
             except RefragError as e:
                 report.skipped.append(f"line {q.line}: {e}")
     if not found:

@@ -230,16 +230,34 @@ def generate(
 
     with _eval_mode(model):
         encoded, encode_s = _chunk_encodings(model, requests, compression)
-        layouts, expansions = [], []
-        for r, q_ids, enc in zip(requests, question_ids, encoded):
-            expansion = choose_expanded(r.chunks, compression, encodings=enc, question=r.question, model=model,
-                                        policy=policy)
-            compressed = [i for i in range(len(r.chunks)) if i not in expansion.expanded]
-            vectors = model.project(enc)[compressed] if enc is not None else None  # [V, D]
-            layouts.append(rag_layout(model, template, q_ids, r.passages, vectors, expansion.expanded))
-            expansions.append(expansion)
-        batch = _Batch(tuple(requests), layouts, expansions, t0, encode_s)
+        laid = [_request_layout(model, template, q_ids, r, enc, compression, policy)
+                for r, q_ids, enc in zip(requests, question_ids, encoded)]
+        batch = _Batch(tuple(requests), [x for x, _ in laid], [e for _, e in laid], t0, encode_s)
         return _prefill_and_decode(model, batch, sampling, on_text, cancelled)
+
+
+def _request_layout(model: RefragModel, template: PromptTemplate, question_ids, request: Request,
+                    enc: torch.Tensor | None, compression: CompressionOptions,
+                    policy: ExpansionPolicy | None) -> tuple[Layout, Expansion]:
+    """One request's prompt layout: the policy's raw chunks, the others as projected chunk vectors."""
+    expansion = choose_expanded(request.chunks, compression, encodings=enc, question=request.question, model=model,
+                                policy=policy)
+    compressed = [i for i in range(len(request.chunks)) if i not in expansion.expanded]
+    vectors = model.project(enc)[compressed] if enc is not None else None  # [V, D]
+    return rag_layout(model, template, question_ids, request.passages, vectors, expansion.expanded), expansion
+
+
+@torch.inference_mode()
+def prompt_positions(model: RefragModel, request: Request, *, compression: CompressionOptions = CompressionOptions(),
+                     template: PromptTemplate | None = None, policy: ExpansionPolicy | None = None) -> int:
+    """The decoder positions ``generate`` would prefill for ``request`` (template, question, and the context
+    as ``compression`` lays it out), without running the decoder."""
+    template = template or PromptTemplate.for_tokenizer(model.tokenizer)
+    with _eval_mode(model):
+        (enc,), _ = _chunk_encodings(model, [request], compression)
+        layout, _ = _request_layout(model, template, template.question_ids(model.tokenizer, request.question),
+                                    request, enc, compression, policy)
+    return layout.length
 
 
 @dataclass(frozen=True)
@@ -259,12 +277,15 @@ def _prefill_and_decode(
 ) -> list[Answer]:
     """The window check, the prefill (logits of the last position only), then KV-cached decoding."""
     limit = getattr(model.decoder.config, "max_position_embeddings", None)
-    longest = max(x.length for x in batch.layouts)
-    if limit and longest > limit:
-        raise InputError(
-            f"the prompt needs {longest} decoder positions but the decoder's window is {limit}: "
-            "use --mode refrag, a larger k, or fewer/shorter passages."
-        )
+    longest = max(batch.layouts, key=lambda x: x.length)
+    if limit and longest.length > limit:
+        advice = ("in refrag mode a compressed chunk is one position and a raw one k: keep fewer chunks raw (a "
+                  "smaller --expand-fraction / --expand-tokens) or give fewer passages (--top-k, --max-positions)"
+                  if longest.vectors.shape[0] else
+                  "in full mode every context token is a position: use --mode refrag (one position per k-token "
+                  "chunk) or give fewer / shorter passages (--top-k, --max-positions)")
+        raise InputError(f"the prompt needs {longest.length} decoder positions but the decoder's window is {limit}: "
+                         f"{advice}.")
     # No KV cache of the constant template head: with a past, SDPA on CPU loses its causal kernel (explicit
     # mask): measured full context 4.6 -> 8.6 s at s = 4096 and no gain for REFRAG (docs/bench/ttft.md).
     inputs = model.build_inputs(batch.layouts)  # [B, T, D], left-padded

@@ -18,7 +18,7 @@ from refrag.errors import InputError
 if TYPE_CHECKING:
     from refrag.index import SearchHit
 
-Reason = Literal["min_score", "relative_score", "duplicate"]
+Reason = Literal["min_score", "relative_score", "duplicate", "max_positions"]  # max_positions: Pipeline
 _WORD = re.compile(r"\w+")
 
 

@@ -5,7 +5,7 @@ from conftest import add_random_lora, tiny_refrag
 from refrag.chunking import make_passage
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import InputError
-from refrag.generation import Request, generate, sample_next
+from refrag.generation import Request, generate, prompt_positions, sample_next
 from refrag.prompting import PromptTemplate, rag_layout
 
 CONTEXT = ["Paris is the capital of France. The quick brown fox jumps over the lazy dog."] * 3
@@ -112,10 +112,14 @@ def test_empty_context_and_too_long_context():
         generate(model, [Request("q?", ())])
     long_ids = list(range(10, 300)) * 3  # 870 tokens > the tiny decoder's 512 window
     passages = tuple(make_passage(long_ids[i : i + 64], model.tokenizer, model.k) for i in range(0, 870, 64))
-    with pytest.raises(InputError, match="window is 512"):
+    with pytest.raises(InputError, match="window is 512: in full mode every context token is a position"):
         generate(model, [Request("q?", passages)], compression=FULL)
     ok = generate(model, [Request("q?", passages)], sampling=SamplingOptions(max_new_tokens=1))[0]
     assert ok.decoder_positions < 512  # refrag mode fits 4x more context in the same window
+    assert prompt_positions(model, Request("q?", passages)) == ok.decoder_positions
+    assert prompt_positions(model, Request("q?", passages), compression=FULL) > 512
+    with pytest.raises(InputError, match="window is 512: in refrag mode .* keep fewer chunks raw"):
+        generate(model, [Request("q?", passages * 3)], sampling=SamplingOptions(max_new_tokens=1))
 
 
 def test_ignore_eos_generates_exactly_max_new_tokens():

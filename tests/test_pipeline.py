@@ -5,7 +5,8 @@ from conftest import tiny_refrag
 from index_helpers import build, corpus, options, retrieval_spec, rmodel  # noqa: F401 (fixtures)
 
 from refrag.config import CompressionOptions, SamplingOptions
-from refrag.errors import CheckpointError
+from refrag.errors import CheckpointError, InputError
+from refrag.generation import prompt_positions
 from refrag.pipeline import Pipeline
 
 
@@ -27,3 +28,30 @@ def test_a_model_the_index_was_not_built_with_is_refused(corpus, tmp_path, rmode
     Pipeline(index, tiny_refrag("llama", k=4))  # same weights, same k: accepted
     with pytest.raises(CheckpointError, match="k: index 4 vs model 8"):
         Pipeline(index, tiny_refrag("llama", k=8))
+
+
+@pytest.mark.parametrize("mode", ["full", "refrag"])
+def test_max_positions_drops_the_lowest_ranked_passages(corpus, tmp_path, rmodel, options, mode):  # noqa: F811
+    index = build(corpus, tmp_path, rmodel, options)
+    pipe = Pipeline(index, rmodel)
+    compression = CompressionOptions(mode=mode)
+    question = "Paris is the capital of France."
+    every = pipe.retrieve(question, top_k=4, compression=compression)
+    alone = pipe.retrieve(question, top_k=1, compression=compression)
+    cap = prompt_positions(rmodel, alone.request, compression=compression)  # room for the best passage only
+    fitted = pipe.retrieve(question, top_k=4, compression=compression, max_positions=cap)
+    assert [h.id for h in fitted.hits] == [every.hits[0].id]
+    assert [d.hit.id for d in fitted.dropped] == [h.id for h in every.hits[1:]]  # in rank order, reason given
+    assert {d.reason for d in fitted.dropped} == {"max_positions"}
+    answer = pipe.ask(question, top_k=4, compression=compression, max_positions=cap,
+                      sampling=SamplingOptions(max_new_tokens=1))
+    assert answer.answer.decoder_positions <= cap
+    with pytest.raises(InputError, match="the best passage alone needs"):
+        pipe.retrieve(question, top_k=4, compression=compression, max_positions=cap - 1)
+
+
+def test_a_query_longer_than_the_retrieval_encoder_reads_is_a_warning(corpus, tmp_path, rmodel, options):  # noqa: F811
+    index = build(corpus, tmp_path, rmodel, options)
+    index.retriever.model.max_seq_length = 8
+    with pytest.warns(UserWarning, match="reads its first 8"):
+        index.search("Paris is the capital of France and rivers flow to the sea through Paris.", top_k=1)

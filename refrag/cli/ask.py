@@ -74,6 +74,9 @@ def ask_cmd(
     out: Annotated[Path | None, typer.Option(help="answers JSONL for --questions (appended as batches finish)")]
         = None,
     batch_size: Annotated[int, typer.Option(help="questions per batch with --questions")] = 8,
+    max_positions: Annotated[int | None, typer.Option(help="cap the prompt's decoder positions: drop the lowest-"
+                                                           "ranked passages until it fits (e.g. the decoder's "
+                                                           "window)", show_default=False)] = None,
     json_out: Json = False,
     *,
     choice: ModelChoice,
@@ -92,7 +95,7 @@ def ask_cmd(
     check_top_k(top_k)
     if questions is not None:
         _batch(index_path, questions, out, batch_size, top_k, modes, max_new_tokens, json_out, choice, expansion,
-               hit_filter)
+               hit_filter, max_positions)
         return
     if question is None:
         raise InputError("give a QUESTION, or --questions FILE --out FILE.")
@@ -100,14 +103,16 @@ def ask_cmd(
     pipe = choice.pipeline(index_path, progress=not json_out)
     sampling = SamplingOptions(max_new_tokens=max_new_tokens)
     results = {m: pipe.ask(question, top_k=top_k, compression=expansion.compression(m), sampling=sampling,
-                           hit_filter=hit_filter) for m in modes}
+                           hit_filter=hit_filter, max_positions=max_positions) for m in modes}
     dropped = results[modes[0]].dropped
     ratio = results["full"].ttft_s / results["refrag"].ttft_s if len(modes) > 1 else None
     if json_out:
         answers = [{"mode": m, "answer": r.answer.text, "ttft_s": r.ttft_s, "retrieval_s": r.retrieval_s,
                     "timings": asdict(r.answer.timings), "decoder_positions": r.answer.decoder_positions,
                     "context_tokens": r.answer.context_tokens, "policy": r.answer.policy,
-                    "expanded_chunks": list(r.answer.expanded_chunks)} for m, r in results.items()]
+                    "expanded_chunks": list(r.answer.expanded_chunks),
+                    "dropped_to_fit": [d.hit.id for d in r.dropped if d.reason == "max_positions"]}
+                   for m, r in results.items()]
         sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
                    for h in results[modes[0]].hits]
         gone = [{"id": d.hit.id, "score": d.hit.score, "title": d.hit.meta.title, "reason": d.reason} for d in dropped]
@@ -125,14 +130,19 @@ def ask_cmd(
     for rank, h in enumerate(results[modes[0]].hits, 1):
         typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
     for d in dropped:
-        typer.echo(f"  dropped ({d.reason}): {d.hit.meta.title} (score {d.hit.score:.3f})")
+        if d.reason != "max_positions":
+            typer.echo(f"  dropped ({d.reason}): {d.hit.meta.title} (score {d.hit.score:.3f})")
+    for m, r in results.items():  # the cap depends on the mode: full mode drops more
+        for d in (d for d in r.dropped if d.reason == "max_positions"):
+            typer.echo(f"  dropped in {m} mode to fit --max-positions {max_positions}: {d.hit.meta.title} "
+                       f"(score {d.hit.score:.3f})")
     if ratio is not None:
         typer.secho(f"TTFT full / refrag: {ratio:.1f}x", bold=True)
 
 
 def _batch(index_path: Path, questions: Path, out: Path | None, batch_size: int, top_k: int, modes: tuple[Mode, ...],
            max_new_tokens: int, json_out: bool, choice: ModelChoice, expansion: ExpansionChoice,
-           hit_filter: HitFilter) -> None:
+           hit_filter: HitFilter, max_positions: int | None) -> None:
     """``ask --questions FILE --out FILE``: batched, appended as it goes, resumable."""
     from refrag.batch import BatchOptions, answer_questions
     from refrag.config import SamplingOptions
@@ -140,7 +150,8 @@ def _batch(index_path: Path, questions: Path, out: Path | None, batch_size: int,
     if out is None or len(modes) != 1:
         raise InputError("--questions needs --out FILE and one --mode (refrag or full).")
     options = BatchOptions(batch_size=batch_size, top_k=top_k, compression=expansion.compression(modes[0]),
-                           sampling=SamplingOptions(max_new_tokens=max_new_tokens), hit_filter=hit_filter)
+                           sampling=SamplingOptions(max_new_tokens=max_new_tokens), hit_filter=hit_filter,
+                           max_positions=max_positions)
     pipe = choice.pipeline(index_path, progress=not json_out)
     report = answer_questions(pipe, questions, out, options, progress=not json_out)
     if json_out:

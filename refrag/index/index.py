@@ -266,7 +266,7 @@ class Index:
             if not isinstance(query, str) or not query.strip():
                 raise InputError("the query is empty: give a question or some keywords.")
         check_top_k(top_k)
-        scores, ids = self.store.search(self.retriever.encode(list(queries)), min(top_k, len(self)))
+        scores, ids = self.store.search(self.retriever.encode_queries(list(queries)), min(top_k, len(self)))
         return [[SearchHit(int(i), float(s), self.meta(int(i))) for s, i in zip(row_s, row_i) if i >= 0]
                 for row_s, row_i in zip(scores, ids)]
 

@@ -6,6 +6,7 @@ all-MiniLM-L6-v2. Vectors are L2-normalised float32, so inner product is cosine 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,17 @@ class RetrievalEncoder:
         path = resolve(spec, progress=progress).path
         self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
         self.dim = int(self.model.get_embedding_dimension())
+
+    def encode_queries(self, queries: Sequence[str]) -> np.ndarray:
+        """``encode`` for questions, with a warning for any the encoder reads only in part (longer than its
+        ``max_seq_length`` tokens: the rest does not count for retrieval)."""
+        limit = self.model.max_seq_length
+        for q in queries:
+            n = len(self.model.tokenizer(q, add_special_tokens=True)["input_ids"])
+            if n > limit:
+                warnings.warn(f"the query has {n} tokens; the retrieval encoder {self.spec} reads its first {limit} "
+                              f"(the rest is ignored for retrieval): {q[:60]!r}...", stacklevel=3)
+        return self.encode(queries)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """texts -> [N, dim] float32 unit vectors."""

@@ -165,3 +165,24 @@ def test_threads_is_applied_before_the_model_loads(app, corpus, tmp_path, retrie
     monkeypatch.setattr("refrag.checkpoint.load_model", no_model)
     with pytest.raises(InputError, match="--threads must be >= 1"):
         run(app, "index", "add", tmp_path / "idx", corpus, "--model", ckpt, "--threads", 0)
+
+
+def test_ask_max_positions_reports_what_it_dropped(app, corpus, tmp_path, retrieval_spec):
+    from refrag.generation import prompt_positions
+    from refrag.pipeline import Pipeline
+
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder", retrieval_spec,
+        "--passage-tokens", 16, "--json")
+    pipe = ModelChoice(str(ckpt)).pipeline(idx, progress=False)
+    assert isinstance(pipe, Pipeline)
+    best = pipe.retrieve("What jumps?", top_k=1).request
+    cap = prompt_positions(pipe.model, best)
+    out = json.loads(run(app, "ask", idx, "What jumps?", "--model", ckpt, "--top-k", 3, "--max-positions", cap,
+                         "--max-new-tokens", 1, "--policy", "none", "--json"))
+    answer = out["answers"][0]
+    assert len(answer["dropped_to_fit"]) == 2 and answer["decoder_positions"] <= cap
+    text = run(app, "ask", idx, "What jumps?", "--model", ckpt, "--top-k", 3, "--max-positions", cap,
+               "--max-new-tokens", 1, "--policy", "none")
+    assert text.count(f"dropped in refrag mode to fit --max-positions {cap}") == 2

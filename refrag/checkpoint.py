@@ -72,6 +72,8 @@ class CheckpointManifest:
         config = asdict(self.config)
         if self.config.encoder != SELF:  # self-encoder settings: absent for others, so their manifests stay as before
             del config["encoder_layers"], config["encoder_lora_rank"]
+        if self.config.decoder_adapter is None:  # likewise the user-adapter fields for the base decoder
+            del config["decoder_adapter"], config["decoder_adapter_sha256"]
         return {**CHECKPOINT.header(), "config": config, "components": dict(self.components),
                 "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden,
                 "files": {name: asdict(r) for name, r in self.files.items()}}
@@ -105,7 +107,17 @@ def from_config(config: RefragConfig, *, progress: bool = True) -> RefragModel:
 
     dec = resolve(config.decoder, progress=progress).path
     with _hf_progress(progress):
-        decoder = AutoModelForCausalLM.from_pretrained(dec, dtype=getattr(torch, config.dtype))
+        if config.decoder_adapter is None:
+            decoder = AutoModelForCausalLM.from_pretrained(dec, dtype=getattr(torch, config.dtype))
+        else:  # the user's adapter merged in fp32, then cast (no bf16 rounding of the merge itself)
+            from refrag.user_adapter import merge_user_adapter
+
+            base = AutoModelForCausalLM.from_pretrained(dec, dtype=torch.float32)
+            decoder, digest = merge_user_adapter(base, config.decoder_adapter, config.decoder_adapter_sha256)
+            decoder = decoder.to(getattr(torch, config.dtype))
+            local = Path(config.decoder_adapter).expanduser()
+            spec = str(local.resolve()) if local.exists() else config.decoder_adapter  # a folder: where it is
+            config = replace(config, decoder_adapter=spec, decoder_adapter_sha256=digest)
         tokenizer = AutoTokenizer.from_pretrained(dec)
         return RefragModel(config, build_encoder(config, decoder, tokenizer, progress=progress), decoder, tokenizer)
 
@@ -149,14 +161,26 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
     return path
 
 
-def load(path: str | Path, *, dtype: str | None = None, progress: bool = True) -> RefragModel:
-    """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors."""
+def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
+         decoder_adapter: str | None = None) -> RefragModel:
+    """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors.
+
+    ``decoder_adapter``: a user's LoRA adapter of the decoder (``refrag.user_adapter``). A compressor trained with
+    one accepts only that one (by digest) and loads it from its recorded spec when none is given; a compressor
+    of the base decoder composes with any (a warning: it was not trained for it).
+    """
     path = Path(path)
     manifest = CheckpointManifest.read(path)
     manifest.verify(path)
     built = manifest.config.encoder in BUILT_FROM_DECODER  # rebuilt from the decoder, trained weights loaded below
     parts = {name: str(path / spec) if (path / spec).is_dir() else spec
              for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
+    if decoder_adapter is not None:
+        parts["decoder_adapter"] = decoder_adapter
+        if manifest.config.decoder_adapter is None:
+            log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s (refrag mode "
+                        "may lose quality: measure it with `refrag eval perplexity`, or train a compressor with "
+                        "--decoder-adapter)", path, decoder_adapter)
     config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}))
     try:
         state = load_file(str(path / PROJECTOR))
@@ -208,8 +232,12 @@ def load_model(
     dtype: str = "bfloat16",
     progress: bool = True,
     merge: bool = True,
+    decoder_adapter: str | None = None,
 ) -> RefragModel:
     """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
+
+    ``decoder_adapter``: a PEFT LoRA adapter folder (or HF id) of the decoder, merged into it: full mode runs
+    base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`).
 
     ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
     16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
@@ -224,12 +252,12 @@ def load_model(
     elif is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
         checkpoint = DEFAULT_CHECKPOINT
     if checkpoint is not None:
-        model = load(checkpoint, dtype=dtype, progress=progress)
+        model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter)
         if merge:
             model.merge_adapter()  # a no-op without an adapter
         return model
     config = RefragConfig(decoder=decoder or DEFAULT_DECODER, encoder=encoder or DEFAULT_ENCODER,
-                          k=k or DEFAULT_K, dtype=dtype)  # type: ignore[arg-type]
+                          k=k or DEFAULT_K, dtype=dtype, decoder_adapter=decoder_adapter)  # type: ignore[arg-type]
     model = from_config(config, progress=progress)
     log.warning("no trained compressor for %s + %s at k=%d: the projector is untrained",
                 config.decoder, config.encoder, config.k)

@@ -121,6 +121,8 @@ class RefragConfig:
     dtype: DType = "bfloat16"
     target_rms: float | None = None  # RMS of decoder token embeddings; measured at construction if None
     extra: dict[str, str] = field(default_factory=dict)  # provenance (training stage, data, ...)
+    decoder_adapter: str | None = None  # a user's PEFT LoRA adapter of the decoder, merged in at load (user_adapter)
+    decoder_adapter_sha256: str | None = None  # its digest, recorded when a compressor is made with it
 
     def __post_init__(self) -> None:
         ChunkingOptions(k=self.k, passage_tokens=max(self.k, 256))

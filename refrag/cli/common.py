@@ -34,6 +34,9 @@ Encoder = Annotated[str | None, typer.Option(
 K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compressed chunk (default: {DEFAULT_K}, "
                                                    "or the checkpoint's / the index's)", show_default=False)]
 DType = Annotated[str, typer.Option(help="bfloat16 (fast on CPUs with AMX) or float32")]
+DecoderAdapter = Annotated[str | None, typer.Option(
+    help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
+    show_default=False)]
 Threads = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: one per core; 1 when other processes keep a core busy)", show_default=False)]
 
@@ -84,6 +87,7 @@ class ModelChoice:
     k: int | None = None
     dtype: str = "bfloat16"
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
+    decoder_adapter: str | None = None  # a user's LoRA adapter of the decoder (refrag.user_adapter)
 
     def load(self, *, progress: bool = True, merge: bool = True):
         """The RefragModel (``refrag.load_model``), after ``apply_threads``."""
@@ -91,7 +95,7 @@ class ModelChoice:
 
         apply_threads(self.threads)
         return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
-                          progress=progress, merge=merge)
+                          progress=progress, merge=merge, decoder_adapter=self.decoder_adapter)
 
     def pipeline(self, index_path, *, progress: bool = True):
         """The index at ``index_path`` with its model (unset parts taken from what built it) as a Pipeline."""
@@ -113,7 +117,8 @@ class ModelChoice:
         key = index.manifest.model
         built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
         if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
-            return ModelChoice(str(built_from), dtype=self.dtype, threads=self.threads)
+            return ModelChoice(str(built_from), dtype=self.dtype, threads=self.threads,
+                               decoder_adapter=self.decoder_adapter)
         from refrag.encoders import BUILT_FROM_DECODER
 
         if key.chunk_encoder in BUILT_FROM_DECODER:  # trained from the decoder: its weights live in a checkpoint
@@ -122,21 +127,22 @@ class ModelChoice:
             raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "
                              "checkpoint that built it with --model.")
         return ModelChoice(None, self.decoder or index.manifest.decoder, self.encoder or key.chunk_encoder,
-                           self.k or key.k, self.dtype, self.threads)
+                           self.k or key.k, self.dtype, self.threads, self.decoder_adapter)
 
 
 def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True):
     """The model-selection flags as one group (a command receives ``choice: ModelChoice``); ``k=False`` for a
     command that declares its own ``--k`` (several compression rates), ``checkpoint=False`` where ``--init``
     names the checkpoint, ``threads=False`` where another group declares ``--threads`` (training's loop)."""
-    params = [flag("decoder", Decoder, None), flag("encoder", Encoder, None)]
+    params = [flag("decoder", Decoder, None), flag("decoder_adapter", DecoderAdapter, None), flag("encoder", Encoder, None)]
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
     params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
     params += [flag("threads", Threads, None)] if threads else []
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
-              k: int | None = None, dtype: str = "bfloat16", threads: int | None = None) -> ModelChoice:
-        return ModelChoice(model, decoder, encoder, k, dtype, threads)
+              k: int | None = None, dtype: str = "bfloat16", threads: int | None = None,
+              decoder_adapter: str | None = None) -> ModelChoice:
+        return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter)
 
     return option_group("choice", build, tuple(params))
 

@@ -147,7 +147,8 @@ def reconstruct_cmd(
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, train_decoder=train_decoder,  # type: ignore[arg-type]
                          lora_rank=lora_rank, seed=seed)
-    parts = {"decoder": choice.decoder, "encoder": choice.encoder, "k": choice.k}
+    parts = {"decoder": choice.decoder, "encoder": choice.encoder, "k": choice.k,
+             "decoder_adapter": choice.decoder_adapter}
     fresh = RefragConfig(**{n: v for n, v in parts.items() if v is not None}, **encoder_settings)
     _run("reconstruct", init, fresh, data, stage, loop)
 

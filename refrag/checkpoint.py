@@ -74,6 +74,8 @@ class CheckpointManifest:
             del config["encoder_layers"], config["encoder_lora_rank"]
         if self.config.decoder_adapter is None:  # likewise the user-adapter fields for the base decoder
             del config["decoder_adapter"], config["decoder_adapter_sha256"]
+        if self.config.quantize is None:
+            del config["quantize"]
         return {**CHECKPOINT.header(), "config": config, "components": dict(self.components),
                 "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden,
                 "files": {name: asdict(r) for name, r in self.files.items()}}
@@ -128,6 +130,9 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
     Components not saved are referenced by their spec in the manifest (e.g. a frozen built-in decoder).
     """
     path = Path(path)
+    if save_decoder and model.config.quantize is not None:
+        raise InputError("a quantized decoder is not saved: save the model before quantizing (the checkpoint "
+                         "records --quantize and load_model applies it again).")
     if save_decoder and model.has_adapter:
         raise InputError("a decoder with a LoRA adapter is saved as the adapter alone: pass save_decoder=False "
                          "(the manifest references the base decoder by its name or folder).")
@@ -181,7 +186,8 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
             log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s (refrag mode "
                         "may lose quality: measure it with `refrag eval perplexity`, or train a compressor with "
                         "--decoder-adapter)", path, decoder_adapter)
-    config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}))
+    config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}),
+                     quantize=None)  # quantization is load_model's (inference only): the weights load as trained
     try:
         state = load_file(str(path / PROJECTOR))
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
@@ -233,11 +239,14 @@ def load_model(
     progress: bool = True,
     merge: bool = True,
     decoder_adapter: str | None = None,
+    quantize: str | None = None,
 ) -> RefragModel:
     """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
 
     ``decoder_adapter``: a PEFT LoRA adapter folder (or HF id) of the decoder, merged into it: full mode runs
-    base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`).
+    base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`). ``quantize``
+    ("int8" / "int4", or a checkpoint's recorded scheme): weight-only quantization of the decoder for inference
+    (``refrag.quantize``).
 
     ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
     16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
@@ -255,12 +264,20 @@ def load_model(
         model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter)
         if merge:
             model.merge_adapter()  # a no-op without an adapter
-        return model
+        return _quantized(model, quantize or CheckpointManifest.read(checkpoint).config.quantize)
     config = RefragConfig(decoder=decoder or DEFAULT_DECODER, encoder=encoder or DEFAULT_ENCODER,
                           k=k or DEFAULT_K, dtype=dtype, decoder_adapter=decoder_adapter)  # type: ignore[arg-type]
     model = from_config(config, progress=progress)
     log.warning("no trained compressor for %s + %s at k=%d: the projector is untrained",
                 config.decoder, config.encoder, config.k)
+    return _quantized(model, quantize)
+
+
+def _quantized(model: RefragModel, scheme: str | None) -> RefragModel:
+    if scheme is not None:
+        from refrag.quantize import quantize_decoder
+
+        quantize_decoder(model, scheme)
     return model
 
 

@@ -123,6 +123,7 @@ class RefragConfig:
     extra: dict[str, str] = field(default_factory=dict)  # provenance (training stage, data, ...)
     decoder_adapter: str | None = None  # a user's PEFT LoRA adapter of the decoder, merged in at load (user_adapter)
     decoder_adapter_sha256: str | None = None  # its digest, recorded when a compressor is made with it
+    quantize: str | None = None  # "int8" / "int4": the decoder's weights quantized at load_model (refrag.quantize)
 
     def __post_init__(self) -> None:
         ChunkingOptions(k=self.k, passage_tokens=max(self.k, 256))

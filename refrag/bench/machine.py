@@ -26,3 +26,12 @@ def machine_info() -> dict[str, str | int]:
         "python": platform.python_version(),
         "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from refrag.bench.machine import machine_info
+from refrag.bench.machine import machine_info, peak_rss_bytes
 from refrag.bench.plots import save_figure
 from refrag.chunking import make_passage
 from refrag.config import CompressionOptions, SamplingOptions
 from refrag.errors import InputError
 from refrag.generation import Answer, Request, generate
 from refrag.modeling import RefragModel
+from refrag.quantize import weight_bytes
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8000)
 QUESTION = "What did the narrator decide to do?"
@@ -74,6 +75,9 @@ class TTFTReport:
     expansion: str  # refrag's raw chunks: "none", or the policy and its budget
     rows: list[TTFTRow] = field(default_factory=list)
     throughput: ThroughputRow | None = None
+    quantize: str | None = None  # the decoder's weight quantization (refrag.quantize), None: as loaded
+    decoder_weight_bytes: int = 0  # the decoder's parameters + buffers (+ its merged copy for compressed inputs)
+    peak_rss_bytes: int = 0  # the process's peak resident memory at the end of the run
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -120,7 +124,9 @@ def bench_ttft(
 
     full, refrag = CompressionOptions(mode="full"), replace(compression, mode="refrag")
     report = TTFTReport(machine_info(), model.config.decoder, model.k, str(model.dtype).replace("torch.", ""), repeats,
-                        _expansion(refrag))
+                        _expansion(refrag), quantize=model.config.quantize,
+                        decoder_weight_bytes=sum(weight_bytes(d) for d in (model.decoder, model.merged_decoder)
+                                                 if d is not None))
     warm = context_request(model, min(lengths))
     for options in (full, refrag):
         _run(model, [warm], options, 2)
@@ -157,6 +163,7 @@ def bench_ttft(
     bar.close()
     if throughput_batch > 0:
         report.throughput = bench_throughput(model, throughput_s, throughput_batch, ttit_tokens, refrag)
+    report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 

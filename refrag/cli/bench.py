@@ -66,6 +66,8 @@ def ttft_cmd(
         )
     console = Console()
     console.print(table)
+    console.print(f"decoder weights {report.decoder_weight_bytes / 2**20:.0f} MiB ({report.quantize or 'not quantized'}), "
+                  f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
     if report.throughput:
         t = report.throughput
         console.print(f"throughput, batch {t.batch} x {t.s} tokens: full {t.tokens_per_s_full:.1f} tok/s, "

@@ -11,7 +11,7 @@ import functools
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar, get_args
 
 import typer
@@ -36,6 +36,9 @@ K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compress
 DType = Annotated[str, typer.Option(help="bfloat16 (fast on CPUs with AMX) or float32")]
 DecoderAdapter = Annotated[str | None, typer.Option(
     help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
+    show_default=False)]
+Quantize = Annotated[str | None, typer.Option(
+    help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag[quantize]')",
     show_default=False)]
 Threads = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: one per core; 1 when other processes keep a core busy)", show_default=False)]
@@ -88,6 +91,7 @@ class ModelChoice:
     dtype: str = "bfloat16"
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
     decoder_adapter: str | None = None  # a user's LoRA adapter of the decoder (refrag.user_adapter)
+    quantize: str | None = None  # "int8" / "int4" (refrag.quantize)
 
     def load(self, *, progress: bool = True, merge: bool = True):
         """The RefragModel (``refrag.load_model``), after ``apply_threads``."""
@@ -95,7 +99,7 @@ class ModelChoice:
 
         apply_threads(self.threads)
         return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
-                          progress=progress, merge=merge, decoder_adapter=self.decoder_adapter)
+                          progress=progress, merge=merge, decoder_adapter=self.decoder_adapter, quantize=self.quantize)
 
     def pipeline(self, index_path, *, progress: bool = True):
         """The index at ``index_path`` with its model (unset parts taken from what built it) as a Pipeline."""
@@ -117,8 +121,7 @@ class ModelChoice:
         key = index.manifest.model
         built_from = Path(key.chunk_encoder).parent  # a checkpoint that saved its fine-tuned encoder
         if self.decoder is self.encoder is self.k is None and (built_from / MANIFEST).exists():
-            return ModelChoice(str(built_from), dtype=self.dtype, threads=self.threads,
-                               decoder_adapter=self.decoder_adapter)
+            return replace(self, checkpoint=str(built_from))
         from refrag.encoders import BUILT_FROM_DECODER
 
         if key.chunk_encoder in BUILT_FROM_DECODER:  # trained from the decoder: its weights live in a checkpoint
@@ -126,8 +129,8 @@ class ModelChoice:
 
             raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "
                              "checkpoint that built it with --model.")
-        return ModelChoice(None, self.decoder or index.manifest.decoder, self.encoder or key.chunk_encoder,
-                           self.k or key.k, self.dtype, self.threads, self.decoder_adapter)
+        return replace(self, decoder=self.decoder or index.manifest.decoder, encoder=self.encoder or key.chunk_encoder,
+                       k=self.k or key.k)
 
 
 def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True):
@@ -138,11 +141,12 @@ def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
     params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
     params += [flag("threads", Threads, None)] if threads else []
+    params += [flag("quantize", Quantize, None)] if dtype else []  # inference commands (training has no --dtype)
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
               k: int | None = None, dtype: str = "bfloat16", threads: int | None = None,
-              decoder_adapter: str | None = None) -> ModelChoice:
-        return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter)
+              decoder_adapter: str | None = None, quantize: str | None = None) -> ModelChoice:
+        return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter, quantize)
 
     return option_group("choice", build, tuple(params))
 

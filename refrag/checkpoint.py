@@ -149,6 +149,9 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
             model.tokenizer.save_pretrained(tmp / "decoder")
             components["decoder"] = "decoder"
             config = replace(config, decoder="decoder")
+            if config.decoder_adapter is not None:  # the saved weights hold it: never merge it in a second time
+                config = replace(config, decoder_adapter=None, decoder_adapter_sha256=None,
+                                 extra={**config.extra, "merged_decoder_adapter": config.decoder_adapter})
         if model.has_adapter:
             model.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
             (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
@@ -182,6 +185,10 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
              for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
     if decoder_adapter is not None:
         parts["decoder_adapter"] = decoder_adapter
+        if manifest.config.decoder_adapter is None and manifest.config.encoder in BUILT_FROM_DECODER:
+            raise InputError(f"{path}'s chunk encoder ({manifest.config.encoder}) is built from the base decoder's own "
+                             "layers: an adapter merged into the decoder would change it too. Train a compressor "
+                             "for the adapted decoder (`refrag train reconstruct --decoder-adapter ...`).")
         if manifest.config.decoder_adapter is None:
             log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s (refrag mode "
                         "may lose quality: measure it with `refrag eval perplexity`, or train a compressor with "
@@ -245,8 +252,8 @@ def load_model(
 
     ``decoder_adapter``: a PEFT LoRA adapter folder (or HF id) of the decoder, merged into it: full mode runs
     base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`). ``quantize``
-    ("int8" / "int4", or a checkpoint's recorded scheme): weight-only quantization of the decoder for inference
-    (``refrag.quantize``).
+    ("int8" / "int4", or a checkpoint's recorded scheme; "none" overrides the recorded one): weight-only
+    quantization of the decoder for inference (``refrag.quantize``).
 
     ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
     16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
@@ -264,7 +271,7 @@ def load_model(
         model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter)
         if merge:
             model.merge_adapter()  # a no-op without an adapter
-        return _quantized(model, quantize or CheckpointManifest.read(checkpoint).config.quantize)
+        return _quantized(model, quantize or CheckpointManifest.read(checkpoint).config.quantize)  # "none": off
     config = RefragConfig(decoder=decoder or DEFAULT_DECODER, encoder=encoder or DEFAULT_ENCODER,
                           k=k or DEFAULT_K, dtype=dtype, decoder_adapter=decoder_adapter)  # type: ignore[arg-type]
     model = from_config(config, progress=progress)
@@ -274,7 +281,7 @@ def load_model(
 
 
 def _quantized(model: RefragModel, scheme: str | None) -> RefragModel:
-    if scheme is not None:
+    if scheme not in (None, "none"):
         from refrag.quantize import quantize_decoder
 
         quantize_decoder(model, scheme)

@@ -277,11 +277,12 @@ def _prefill_and_decode(
 ) -> list[Answer]:
     """The window check, the prefill (logits of the last position only), then KV-cached decoding."""
     limit = getattr(model.decoder.config, "max_position_embeddings", None)
-    longest = max(batch.layouts, key=lambda x: x.length)
+    row = max(range(len(batch.layouts)), key=lambda i: batch.layouts[i].length)
+    longest = batch.layouts[row]
     if limit and longest.length > limit:
         advice = ("in refrag mode a compressed chunk is one position and a raw one k: keep fewer chunks raw (a "
                   "smaller --expand-fraction / --expand-tokens) or give fewer passages (--top-k, --max-positions)"
-                  if longest.vectors.shape[0] else
+                  if batch.expansions[row].policy != "full" else
                   "in full mode every context token is a position: use --mode refrag (one position per k-token "
                   "chunk) or give fewer / shorter passages (--top-k, --max-positions)")
         raise InputError(f"the prompt needs {longest.length} decoder positions but the decoder's window is {limit}: "

@@ -4,8 +4,8 @@ What was measured on this project's 2-core AMD EPYC (torch 2.13 CPU, 8 linear la
 docs/bench/quantize.md): int8 with torchao's ``Int8WeightOnlyConfig`` decodes faster than fp32 and than
 optimum-quanto's int8; int4 on CPU is only available through optimum-quanto's ``qint4`` (torchao's CPU int4
 needs the ``mslk`` kernels, absent here). Only the decoder's linear layers are quantized: not the LM head (tied
-with the input embeddings in SmolLM2, so quantizing it would add a copy), not LoRA matrices, not the chunk
-encoder. Quantized weights are inference-only (no training on them); a checkpoint records the scheme and
+with the input embeddings in SmolLM2, so quantizing it would add a copy; an untied head is quantized), not
+LoRA matrices, not the chunk encoder (the ``self`` encoder's layers are a copy made before). Quantized weights are inference-only (no training on them); a checkpoint records the scheme and
 ``load_model`` applies it again, the decoder weights themselves stay referenced, never saved quantized.
 """
 
@@ -21,12 +21,17 @@ from refrag.errors import InputError, MissingPackageError
 from refrag.modeling import RefragModel
 
 Scheme = Literal["int8", "int4"]
-SKIP = ("*lm_head*", "*lora_A*", "*lora_B*", "*lora_embedding*")  # module names left as they are
+SKIP = ("*lora_A*", "*lora_B*", "*lora_embedding*")  # module names left as they are (LoRA matrices are tiny)
 PIP = "pip install 'refrag[quantize]'"
 
 
-def _skipped(name: str) -> bool:
-    return any(fnmatch.fnmatch(name, pattern) for pattern in SKIP)
+def _targets(decoder: torch.nn.Module) -> list[str]:
+    """Names of the linear layers to quantize: all but LoRA matrices and an LM head that shares its weight with
+    the input embeddings (quantizing it would add a copy and change the embeddings' role)."""
+    head = decoder.get_output_embeddings()
+    tied = head is not None and head.weight is decoder.get_input_embeddings().weight
+    return [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)
+            and not any(fnmatch.fnmatch(n, p) for p in SKIP) and not (tied and m is head)]
 
 
 def quantize_decoder(model: RefragModel, scheme: str) -> None:
@@ -40,27 +45,25 @@ def quantize_decoder(model: RefragModel, scheme: str) -> None:
     decoders = [d for d in (model.decoder, model.merged_decoder) if d is not None]
     with torch.inference_mode():  # quanto's int4 weights must be inference tensors to run under inference_mode
         for decoder in decoders:
-            (_int8 if scheme == "int8" else _int4)(decoder)
+            (_int8 if scheme == "int8" else _int4)(decoder, set(_targets(decoder)))
             decoder.requires_grad_(False)
     model.config = replace(model.config, quantize=scheme)  # recorded: a saved checkpoint loads quantized again
 
 
-def _int8(module: torch.nn.Module) -> None:
+def _int8(module: torch.nn.Module, names: set[str]) -> None:
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
         raise MissingPackageError("int8 quantization (torchao)", PIP) from e
-    quantize_(module, Int8WeightOnlyConfig(),
-              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and not _skipped(name))
+    quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name in names)
 
 
-def _int4(module: torch.nn.Module) -> None:
+def _int4(module: torch.nn.Module, names: set[str]) -> None:
     try:
         from optimum.quanto import freeze, qint4, quantize
     except ImportError as e:
         raise MissingPackageError("int4 quantization (optimum-quanto)", PIP) from e
-    names = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and not _skipped(n)]
-    quantize(module, weights=qint4, include=names)
+    quantize(module, weights=qint4, include=sorted(names))
     freeze(module)
 
 

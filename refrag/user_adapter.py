@@ -26,6 +26,10 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def adapter_folder(spec: str) -> Path:
     """A local adapter folder, or a Hugging Face id downloaded (online) into the hub cache."""
     path = Path(spec).expanduser()
+    if not path.exists() and (path.is_absolute() or spec.startswith((".", "~"))):
+        raise CheckpointError(f"decoder adapter folder {spec} does not exist. If a checkpoint recorded it (it was "
+                              "trained with that adapter), give the adapter's new place with --decoder-adapter PATH: "
+                              "its sha256 is what is checked, not its path.")
     if not path.exists() and _HUB_ID.fullmatch(spec):
         try:
             from huggingface_hub import snapshot_download

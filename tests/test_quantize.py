@@ -50,14 +50,32 @@ def test_a_quantized_model_with_an_adapter_and_its_checkpoint(tmp_path):
     path = checkpoint.save(model, tmp_path / "ckpt")
     loaded = checkpoint.load_model(path, dtype="float32", progress=False, quantize="int8")
     assert loaded.merged_decoder is not None  # merged before quantizing, both copies quantized
+    for decoder in (loaded.decoder, loaded.merged_decoder):  # the tiny decoder's head is untied: quantized too
+        kinds = {type(m.weight).__name__ for n, m in decoder.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lora_" not in n}
+        assert kinds == {"Int8Tensor"}, kinds
     assert loaded.config.quantize == "int8"
     logits(loaded, "refrag")
     again = checkpoint.save(loaded, tmp_path / "ckpt2")
     assert json.loads((again / "refrag.json").read_text())["config"]["quantize"] == "int8"
     reloaded = checkpoint.load_model(again, dtype="float32", progress=False)  # the recorded scheme, applied again
     assert reloaded.config.quantize == "int8"
+    plain = checkpoint.load_model(again, dtype="float32", progress=False, quantize="none")  # the recorded one, off
+    assert plain.config.quantize is None
     assert checkpoint.load(again, dtype="float32", progress=False).config.quantize is None  # training: as trained
     with pytest.raises(InputError, match="quantized decoder is not saved"):
         checkpoint.save(loaded, tmp_path / "ckpt3", save_decoder=True)
     with pytest.raises(InputError, match="int8 or int4"):
         quantize_decoder(tiny_refrag("llama"), "int3")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_head_tied_to_the_embeddings_is_left_as_it_is(scheme):
+    model = tiny_refrag("llama")
+    decoder = model.decoder
+    decoder.get_output_embeddings().weight = decoder.get_input_embeddings().weight  # tied, as in SmolLM2
+    quantize_decoder(model, scheme)
+    head = decoder.get_output_embeddings()
+    assert head.weight is decoder.get_input_embeddings().weight and type(head.weight) is torch.nn.Parameter
+    expected = {"int8": "Int8Tensor", "int4": "WeightQBitsTensor"}[scheme]
+    assert type(decoder.model.layers[0].mlp.up_proj.weight).__name__ == expected  # the other layers are quantized

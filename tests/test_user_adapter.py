@@ -122,3 +122,58 @@ def test_bad_adapters_are_clear_errors(parts, tmp_path):
     lora.save_pretrained(other)
     with pytest.raises(InputError, match="does not fit the decoder"):
         load_model(**kwargs, decoder_adapter=str(other))
+
+
+def test_a_recorded_adapter_that_moved_is_named_and_found_again(parts, tmp_path):
+    import shutil
+
+    moved = tmp_path / "adapter-copy"
+    shutil.copytree(parts["adapters"][0], moved)
+    model = load_model(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, dtype="float32",
+                       progress=False, decoder_adapter=str(moved))
+    path = checkpoint.save(model, tmp_path / "ckpt")
+    shutil.rmtree(moved)
+    with pytest.raises(CheckpointError, match="adapter-copy does not exist.*--decoder-adapter PATH"):
+        checkpoint.load(path, dtype="float32", progress=False)
+    again = checkpoint.load(path, dtype="float32", progress=False, decoder_adapter=str(parts["adapters"][0]))
+    torch.testing.assert_close(full_logits(again), full_logits(model))  # same files elsewhere: same digest
+
+
+def test_a_saved_decoder_holds_the_adapter_once(parts, tmp_path):
+    model = load_model(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, dtype="float32",
+                       progress=False, decoder_adapter=str(parts["adapters"][0]))
+    path = checkpoint.save(model, tmp_path / "ckpt", save_decoder=True)
+    config = CheckpointManifest.read(path).config
+    assert config.decoder_adapter is None and config.extra["merged_decoder_adapter"]
+    torch.testing.assert_close(full_logits(checkpoint.load(path, dtype="float32", progress=False)),
+                               full_logits(model))
+
+
+def test_a_self_encoder_compressor_of_the_base_refuses_an_adapter(parts, tmp_path):
+    from dataclasses import replace
+
+    from refrag.checkpoint import from_config
+
+    base = load_model(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, dtype="float32",
+                      progress=False)
+    selfish = from_config(replace(base.config, encoder="self", encoder_layers=1, encoder_lora_rank=2),
+                          progress=False)
+    path = checkpoint.save(selfish, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="built from the base decoder's own layers"):
+        checkpoint.load(path, dtype="float32", progress=False, decoder_adapter=str(parts["adapters"][0]))
+
+
+def test_an_index_remembers_the_adapter_for_ask(parts, tmp_path):
+    from index_helpers import write_corpus
+
+    from refrag.cli.common import ModelChoice
+    from refrag.index import Index, IndexOptions
+
+    choice = ModelChoice(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, dtype="float32",
+                         decoder_adapter=str(parts["adapters"][0]))
+    model = choice.load(progress=False)
+    index = Index.build(write_corpus(tmp_path / "corpus"), tmp_path / "idx", model,
+                        IndexOptions(passage_tokens=16, retrieval_encoder=str(parts["encoder"])), progress=False)
+    again = ModelChoice(dtype="float32").for_index(index)
+    assert again.decoder_adapter == str(parts["adapters"][0].resolve())
+    torch.testing.assert_close(full_logits(again.load(progress=False)), full_logits(model))

@@ -28,6 +28,17 @@ def machine_info() -> dict[str, str | int]:
     }
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        resident = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return resident * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
     import resource

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from refrag.bench.machine import machine_info, peak_rss_bytes
+from refrag.bench.machine import machine_info, peak_rss_bytes, rss_bytes
 from refrag.bench.plots import save_figure
 from refrag.chunking import make_passage
 from refrag.config import CompressionOptions, SamplingOptions
@@ -77,7 +77,8 @@ class TTFTReport:
     throughput: ThroughputRow | None = None
     quantize: str | None = None  # the decoder's weight quantization (refrag.quantize), None: as loaded
     decoder_weight_bytes: int = 0  # the decoder's parameters + buffers (+ its merged copy for compressed inputs)
-    peak_rss_bytes: int = 0  # the process's peak resident memory at the end of the run
+    peak_rss_bytes: int = 0  # the process's peak resident memory (includes loading, before any quantization)
+    rss_bytes: int = 0  # resident memory at the end of the run (what a quantized decoder saves shows here)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -163,7 +164,7 @@ def bench_ttft(
     bar.close()
     if throughput_batch > 0:
         report.throughput = bench_throughput(model, throughput_s, throughput_batch, ttit_tokens, refrag)
-    report.peak_rss_bytes = peak_rss_bytes()
+    report.peak_rss_bytes, report.rss_bytes = peak_rss_bytes(), rss_bytes()
     return report
 
 

@@ -111,7 +111,8 @@ def ask_cmd(
                     "timings": asdict(r.answer.timings), "decoder_positions": r.answer.decoder_positions,
                     "context_tokens": r.answer.context_tokens, "policy": r.answer.policy,
                     "expanded_chunks": list(r.answer.expanded_chunks),
-                    "dropped_to_fit": [d.hit.id for d in r.dropped if d.reason == "max_positions"]}
+                    "dropped_to_fit": [d.hit.id for d in r.dropped if d.reason == "max_positions"],
+                    "source_ids": [h.id for h in r.hits]}
                    for m, r in results.items()]
         sources = [{"id": h.id, "score": h.score, "title": h.meta.title, "source": _where(h.meta)}
                    for h in results[modes[0]].hits]
@@ -127,8 +128,14 @@ def ask_cmd(
                    f"{r.answer.context_tokens} context tokens)")
         if m == "refrag":
             typer.echo(f"  raw chunks ({r.answer.policy}): {_chunk_list(r.answer.expanded_chunks)}")
-    for rank, h in enumerate(results[modes[0]].hits, 1):
-        typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
+    first = [h.id for h in results[modes[0]].hits]
+    for m, r in results.items():
+        if m != modes[0] and [h.id for h in r.hits] == first:
+            continue
+        if len(results) > 1 and any([h.id for h in o.hits] != first for o in results.values()):
+            typer.echo(f"  sources read in {m} mode (--max-positions keeps a different number per mode):")
+        for rank, h in enumerate(r.hits, 1):
+            typer.echo(f"  [{rank}] {h.meta.title} ({_where(h.meta)}, score {h.score:.3f})")
     for d in dropped:
         if d.reason != "max_positions":
             typer.echo(f"  dropped ({d.reason}): {d.hit.meta.title} (score {d.hit.score:.3f})")

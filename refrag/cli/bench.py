@@ -67,7 +67,7 @@ def ttft_cmd(
     console = Console()
     console.print(table)
     console.print(f"decoder weights {report.decoder_weight_bytes / 2**20:.0f} MiB ({report.quantize or 'not quantized'}), "
-                  f"peak RSS {report.peak_rss_bytes / 2**20:.0f} MiB")
+                  f"RSS {report.rss_bytes / 2**20:.0f} MiB at the end (peak {report.peak_rss_bytes / 2**20:.0f} MiB)")
     if report.throughput:
         t = report.throughput
         console.print(f"throughput, batch {t.batch} x {t.s} tokens: full {t.tokens_per_s_full:.1f} tok/s, "
@@ -77,7 +77,7 @@ def ttft_cmd(
 
 
 @app.command("index")
-@model_options()
+@model_options(quantize=False)
 def index_cmd(
     corpus: Annotated[list[Path] | None, typer.Argument(help="corpus files (default: the offline Wikipedia)")] = None,
     out: Annotated[Path, typer.Option(help="index folder")] = Path("~/.cache/refrag/indexes/wiki"),

@@ -38,7 +38,8 @@ DecoderAdapter = Annotated[str | None, typer.Option(
     help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
     show_default=False)]
 Quantize = Annotated[str | None, typer.Option(
-    help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag[quantize]')",
+    help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag[quantize]'); "
+         "none: not even when the checkpoint records a scheme",
     show_default=False)]
 Threads = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: one per core; 1 when other processes keep a core busy)", show_default=False)]
@@ -130,22 +131,28 @@ class ModelChoice:
             raise InputError(f"{index.path} was built with a trained `{key.chunk_encoder}` chunk encoder: pass the "
                              "checkpoint that built it with --model.")
         return replace(self, decoder=self.decoder or index.manifest.decoder, encoder=self.encoder or key.chunk_encoder,
-                       k=self.k or key.k)
+                       k=self.k or key.k, decoder_adapter=self.decoder_adapter or index.manifest.decoder_adapter)
 
 
-def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True):
+def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True,
+                  quantize: bool = True):
     """The model-selection flags as one group (a command receives ``choice: ModelChoice``); ``k=False`` for a
     command that declares its own ``--k`` (several compression rates), ``checkpoint=False`` where ``--init``
-    names the checkpoint, ``threads=False`` where another group declares ``--threads`` (training's loop)."""
+    names the checkpoint, ``threads=False`` where another group declares ``--threads`` (training's loop),
+    ``quantize=False`` where the decoder never runs (index building encodes chunks only)."""
     params = [flag("decoder", Decoder, None), flag("decoder_adapter", DecoderAdapter, None), flag("encoder", Encoder, None)]
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
     params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
     params += [flag("threads", Threads, None)] if threads else []
-    params += [flag("quantize", Quantize, None)] if dtype else []  # inference commands (training has no --dtype)
+    params += [flag("quantize", Quantize, None)] if dtype and quantize else []  # inference (training: no --dtype)
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
               k: int | None = None, dtype: str = "bfloat16", threads: int | None = None,
               decoder_adapter: str | None = None, quantize: str | None = None) -> ModelChoice:
+        if quantize is not None and quantize not in ("int8", "int4", "none"):
+            from refrag.errors import InputError
+
+            raise InputError(f"--quantize must be int8, int4 or none (got {quantize!r}).")  # before any model loads
         return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter, quantize)
 
     return option_group("choice", build, tuple(params))

@@ -31,7 +31,7 @@ def _print_stats(stats, path: Path, json_out: bool) -> None:
 
 
 @app.command("build")
-@model_options()
+@model_options(quantize=False)
 def build_cmd(
     sources: Sources,
     out: Annotated[Path, typer.Option("--out", "-o", help="index folder (replaced atomically)")],
@@ -61,7 +61,7 @@ def build_cmd(
 
 
 @app.command("add")
-@model_options()
+@model_options(quantize=False)
 def add_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False, *, choice: ModelChoice) -> None:
     """Append the passages of SOURCES to an index (atomically; the model must match the index; unset model
     options default to what built it)."""
@@ -83,7 +83,7 @@ def remove_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False) 
 
 
 @app.command("update")
-@model_options()
+@model_options(quantize=False)
 def update_cmd(index_path: IndexPath, sources: Sources, json_out: Json = False, *, choice: ModelChoice) -> None:
     """Re-index SOURCES as they are now: their old passages out, their current text in (one atomic swap)."""
     setup_torch()

@@ -147,8 +147,13 @@ def reconstruct_cmd(
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, train_decoder=train_decoder,  # type: ignore[arg-type]
                          lora_rank=lora_rank, seed=seed)
+    from refrag.errors import InputError
+
     parts = {"decoder": choice.decoder, "encoder": choice.encoder, "k": choice.k,
              "decoder_adapter": choice.decoder_adapter}
+    if init is not None and choice.decoder_adapter is not None:
+        raise InputError("--decoder-adapter makes a new compressor for the adapted decoder; with --init the "
+                         "checkpoint's own decoder (and adapter) are used. Drop one of the two.")
     fresh = RefragConfig(**{n: v for n, v in parts.items() if v is not None}, **encoder_settings)
     _run("reconstruct", init, fresh, data, stage, loop)
 

@@ -135,6 +135,7 @@ class Index:
             model=EncoderKey.of(model),
             chunk_dim=model.encoder.hidden_size,
             retrieval=RetrievalInfo(options.retrieval_encoder, retriever.dim, options.store.to_json()),
+            decoder_adapter=model.config.decoder_adapter,
         )
         store = create_store(options.store, retriever.dim)
         with atomic_dir(out, replaces=(MANIFEST, "refrag index")) as tmp:

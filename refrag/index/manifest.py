@@ -61,6 +61,7 @@ class IndexManifest:
     shards: list[ShardEntry] = field(default_factory=list)
     builds: list[dict[str, Any]] = field(default_factory=list)  # BuildStats of the build and of every add
     store_files: dict[str, FileRecord] = field(default_factory=dict)  # the vector store's files as written
+    decoder_adapter: str | None = None  # the user's decoder adapter the index was built with (default for `ask`)
 
     def to_json(self) -> dict[str, Any]:
         return {**INDEX.header(), **asdict(self)}

@@ -218,22 +218,28 @@ def generate(
     """Answer a batch of requests. ``on_text(row, delta)`` streams text as it is produced; ``policy`` replaces
     the expansion policy ``compression.policy`` names (e.g. a learned one; the budget stays the options');
     ``cancelled(row)``, asked before every decoding step, ends that row early (finish reason "cancelled")."""
+    with _eval_mode(model):
+        batch = prepare(model, requests, compression=compression, template=template, policy=policy)
+        return _prefill_and_decode(model, batch, sampling, on_text, cancelled)
+
+
+def prepare(model: RefragModel, requests: Sequence[Request], *, compression: CompressionOptions = CompressionOptions(),
+            template: PromptTemplate | None = None, policy: ExpansionPolicy | None = None) -> Batch:
+    """Everything before the decoder: chunk encodings (stored or encoded now), the policy's raw chunks and each
+    request's prompt layout. ``generate`` prefills it here; a remote engine (``refrag.serve.vllm``) sends the
+    layouts' embedding rows instead."""
     t0 = time.perf_counter()
     if not requests:
         raise InputError("generate needs at least one request.")
     template = template or PromptTemplate.for_tokenizer(model.tokenizer)
-    tok = model.tokenizer
-    question_ids = [template.question_ids(tok, r.question) for r in requests]
+    question_ids = [template.question_ids(model.tokenizer, r.question) for r in requests]
     for r in requests:
         if not r.passages:
             raise InputError("context is empty: give at least one passage (or use no context at all).")
-
-    with _eval_mode(model):
-        encoded, encode_s = _chunk_encodings(model, requests, compression)
-        laid = [_request_layout(model, template, q_ids, r, enc, compression, policy)
-                for r, q_ids, enc in zip(requests, question_ids, encoded)]
-        batch = _Batch(tuple(requests), [x for x, _ in laid], [e for _, e in laid], t0, encode_s)
-        return _prefill_and_decode(model, batch, sampling, on_text, cancelled)
+    encoded, encode_s = _chunk_encodings(model, requests, compression)
+    laid = [_request_layout(model, template, q_ids, r, enc, compression, policy)
+            for r, q_ids, enc in zip(requests, question_ids, encoded)]
+    return Batch(tuple(requests), [x for x, _ in laid], [e for _, e in laid], t0, encode_s)
 
 
 def _request_layout(model: RefragModel, template: PromptTemplate, question_ids, request: Request,
@@ -261,7 +267,7 @@ def prompt_positions(model: RefragModel, request: Request, *, compression: Compr
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """What generation prepared for the decoder: one layout and expansion per request."""
 
     requests: tuple[Request, ...]
@@ -272,7 +278,7 @@ class _Batch:
 
 
 def _prefill_and_decode(
-    model: RefragModel, batch: _Batch, sampling: SamplingOptions, on_text: TextCallback | None,
+    model: RefragModel, batch: Batch, sampling: SamplingOptions, on_text: TextCallback | None,
     cancelled: Cancelled | None = None,
 ) -> list[Answer]:
     """The window check, the prefill (logits of the last position only), then KV-cached decoding."""
@@ -324,7 +330,7 @@ def _prefill_and_decode(
         total_s=total,
         tokens_per_s=sum(len(r.ids) for r in rows) / total if total > 0 else 0.0,
     )
-    return [_answer(r, row, layout, expansion, timings, kv_bytes)
+    return [make_answer(r, row.text, row.ids, row.finish or "length", layout, expansion, timings, kv_bytes)
             for r, row, layout, expansion in zip(batch.requests, rows, batch.layouts, batch.expansions)]
 
 
@@ -359,13 +365,14 @@ def _decode(model: RefragModel, decoder: PreTrainedModel, inputs: DecoderInputs,
         row.flush()
 
 
-def _answer(request: Request, row: _Row, layout: Layout, expansion: Expansion, timings: Timings,
-            kv_bytes: int) -> Answer:
+def make_answer(request: Request, text: str, ids: Sequence[int], finish: FinishReason, layout: Layout,
+                expansion: Expansion, timings: Timings, kv_bytes: int) -> Answer:
+    """The Answer for one request: its text and tokens, and what its prompt was made of."""
     expanded, chunk_tokens = expansion.expanded, [len(c.token_ids) for c in request.chunks]
     return Answer(
-        text=row.text.strip(),
-        token_ids=tuple(row.ids),
-        finish_reason=row.finish or "length",
+        text=text.strip(),
+        token_ids=tuple(ids),
+        finish_reason=finish,
         timings=timings,
         decoder_positions=layout.length,
         context_tokens=sum(p.num_tokens for p in request.passages),

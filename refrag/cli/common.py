@@ -38,7 +38,7 @@ DecoderAdapter = Annotated[str | None, typer.Option(
     help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
     show_default=False)]
 Quantize = Annotated[str | None, typer.Option(
-    help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag[quantize]'); "
+    help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag\\[quantize]'); "
          "none: not even when the checkpoint records a scheme",
     show_default=False)]
 Threads = Annotated[int | None, typer.Option(

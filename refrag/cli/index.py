@@ -37,7 +37,7 @@ def build_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="index folder (replaced atomically)")],
     retrieval_encoder: Annotated[str, typer.Option(help="sentence-transformers model for retrieval vectors")] =
         DEFAULT_ENCODER,
-    store: Annotated[str, typer.Option(help="vector store: faiss or lancedb (pip install 'refrag[lancedb]')")] =
+    store: Annotated[str, typer.Option(help="vector store: faiss or lancedb (pip install 'refrag\\[lancedb]')")] =
         "faiss",
     store_kind: StoreKind = "flat",
     passage_tokens: Annotated[int, typer.Option(help="max decoder tokens per passage")] = 256,

@@ -6,9 +6,16 @@ The public API is imported lazily so ``import refrag`` (and the CLI's --help) do
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# OpenMP threads that sleep instead of spinning when they wait: with another process on one of the cores, torch's
+# default (spinning) made a 512-token full-context TTFT 3.4x slower; passive waiting degrades like one thread
+# and costs ~0-10% on an idle machine (docs/index.md, "Shared cores"). Read when torch loads OpenMP, so it applies
+# when refrag is imported before torch (the CLI always is); a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "ChunkingOptions": "refrag.config",

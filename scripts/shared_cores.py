@@ -3,8 +3,9 @@
     python scripts/shared_cores.py [--length 512] [--repeats 2] [--out docs/bench/shared_cores.json]
 
 Each setting runs `refrag bench ttft` in a fresh process (OpenMP reads OMP_WAIT_POLICY once, at start-up):
-torch's default (one thread per core, OpenMP's default wait policy), `--threads 1`, and two threads with
-OMP_WAIT_POLICY=PASSIVE (waiting threads sleep instead of spinning). "busy" starts a pure-Python busy loop (one
+two threads with OpenMP's own default wait policy (spin, then sleep; OMP_WAIT_POLICY set empty, so refrag's
+default does not apply), `--threads 1`, and two threads with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep
+instead of spinning: refrag's default since this measurement). "busy" starts a pure-Python busy loop (one
 core at 100%) for the duration of the run, as another user's job would.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SETTINGS = {  # name -> (extra CLI flags, extra environment)
-    "default (2 threads)": ([], {}),
+    "default (2 threads)": ([], {"OMP_WAIT_POLICY": ""}),
     "--threads 1": (["--threads", "1"], {}),
     "2 threads, OMP_WAIT_POLICY=PASSIVE": ([], {"OMP_WAIT_POLICY": "PASSIVE"}),
 }

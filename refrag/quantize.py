@@ -1,9 +1,9 @@
 """Weight-only quantization of the decoder for inference (``--quantize int8|int4``, ``pip install 'refrag[quantize]'``).
 
 What was measured on this project's 2-core AMD EPYC (torch 2.13 CPU, 8 linear layers of SmolLM2's shapes,
-docs/bench/quantize.md): int8 with torchao's ``Int8WeightOnlyConfig`` decodes faster than fp32 and than
-optimum-quanto's int8; int4 on CPU is only available through optimum-quanto's ``qint4`` (torchao's CPU int4
-needs the ``mslk`` kernels, absent here). Only the decoder's linear layers are quantized: not the LM head (tied
+docs/byo.md): torchao's ``Int8WeightOnlyConfig`` is faster than optimum-quanto's int8; int4 on CPU is only
+available through optimum-quanto's ``qint4`` (torchao's CPU int4 needs the ``mslk`` kernels, absent here). Both
+save memory, not time: the weights are dequantized for every matmul. Only the decoder's linear layers are quantized: not the LM head (tied
 with the input embeddings in SmolLM2, so quantizing it would add a copy; an untied head is quantized), not
 LoRA matrices, not the chunk encoder (the ``self`` encoder's layers are a copy made before). Quantized weights are inference-only (no training on them); a checkpoint records the scheme and
 ``load_model`` applies it again, the decoder weights themselves stay referenced, never saved quantized.

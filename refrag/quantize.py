@@ -48,6 +48,22 @@ def quantize_decoder(model: RefragModel, scheme: str) -> None:
             (_int8 if scheme == "int8" else _int4)(decoder, set(_targets(decoder)))
             decoder.requires_grad_(False)
     model.config = replace(model.config, quantize=scheme)  # recorded: a saved checkpoint loads quantized again
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hand the freed full-precision weights back to the OS (glibc keeps freed blocks in its pools otherwise, so
+    the process would stay as large as before quantizing)."""
+    import ctypes
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
+            pass
 
 
 def _int8(module: torch.nn.Module, names: set[str]) -> None:

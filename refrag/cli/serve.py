@@ -69,8 +69,7 @@ def serve_cmd(
             server = stack.enter_context(VLLMServer(model, VLLMOptions(vllm_python, extra_args=tuple(
                 shlex.split(vllm_args)))))
             generator = VLLMGenerator(server)
-        engine = Engine(model, pipeline, EngineOptions(max_batch=max_batch, max_queue=max_queue),
-                        **({"generator": generator} if generator is not None else {}))
+        engine = Engine(model, pipeline, EngineOptions(max_batch=max_batch, max_queue=max_queue), generator)
         options = ServeOptions(model_id=model_id, api_key=api_key, timeout_s=timeout, max_body_bytes=max_body_bytes)
         typer.echo(f"serving {model_id!r} on http://{host}:{port}/v1 (index: {index_path or 'none'}; backend: "
                    f"{backend}; API key: {'required' if api_key else 'none'})", err=True)

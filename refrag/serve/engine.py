@@ -99,9 +99,9 @@ class Engine:
     """Owns the model (and the index's pipeline); ``submit`` queues a job, the worker thread answers it."""
 
     def __init__(self, model: RefragModel, pipeline: Pipeline | None = None,
-                 options: EngineOptions = EngineOptions(), generator: Callable[..., list[Answer]] = generate) -> None:
-        """``generator``: ``generate`` (the decoder in this process) or a drop-in with its signature, such as
-        ``refrag.serve.vllm.VLLMGenerator`` (the decoder in a vLLM server)."""
+                 options: EngineOptions = EngineOptions(), generator: Callable[..., list[Answer]] | None = None) -> None:
+        """``generator``: None for ``generate`` (the decoder in this process), or a drop-in with its signature,
+        such as ``refrag.serve.vllm.VLLMGenerator`` (the decoder in a vLLM server)."""
         self.model, self.pipeline, self.options, self.generator = model, pipeline, options, generator
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=options.max_queue)
         self._held: list[Job] = []  # taken from the queue but not batchable with the current batch
@@ -197,7 +197,7 @@ class Engine:
         runs alone, so only the job at fault gets the error."""
         live = [p[0] for p in prepared]
         try:
-            answers = self.generator(
+            answers = (self.generator or generate)(
                 self.model, [p[1] for p in prepared], compression=live[0].compression, sampling=live[0].sampling,
                 on_text=lambda row, text: live[row].send(Delta(text)),
                 cancelled=lambda row: live[row].cancelled.is_set(),

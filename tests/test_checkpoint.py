@@ -175,3 +175,18 @@ def test_a_text_encoder_manifest_has_no_self_encoder_settings(tmp_path):
     path = checkpoint.save(tiny_refrag("llama"), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
     config = json.loads((path / "refrag.json").read_text())["config"]
     assert "encoder_layers" not in config and "encoder_lora_rank" not in config  # as written before self-encoders
+
+
+def test_every_file_kind_of_a_checkpoint_is_checked(tmp_path):
+    model = with_trained_lora(tmp_path)
+    path = checkpoint.save(model, tmp_path / "ckpt", save_encoder=True)
+    names = sorted(CheckpointManifest.read(path).files)
+    assert {n.split("/")[0] for n in names} >= {"projector.safetensors", "encoder", "decoder_adapter"}
+    for name in names:
+        target = path / name
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])  # truncated
+        with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+            checkpoint.load(path, progress=False)
+        target.write_bytes(data)
+    checkpoint.load(path, progress=False)  # restored: loads again

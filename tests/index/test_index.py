@@ -288,3 +288,14 @@ def test_sources_are_matched_by_absolute_path_from_any_folder(corpus, tmp_path, 
     removed = index.remove([corpus / "numbers.txt"], progress=False).removed
     assert removed >= 1
     assert index.add([corpus], rmodel, progress=False).passages == removed  # the rest is recognised, not re-added
+
+
+def test_every_file_kind_of_an_index_is_checked_on_open(corpus, tmp_path, rmodel, options):
+    index = build(corpus, tmp_path, rmodel, options)
+    for target in sorted(p for p in index.path.iterdir() if p.suffix in (".safetensors", ".jsonl", ".faiss")):
+        data = target.read_bytes()
+        target.write_bytes(data[:-7])  # truncated
+        with pytest.raises(CheckpointError, match=target.name.replace(".", r"\.")):
+            Index.open(index.path)
+        target.write_bytes(data)
+    assert check_index(index.path, progress=False).ok

@@ -37,7 +37,7 @@ class Pipeline:
 
     def __init__(self, index: Index, model: RefragModel) -> None:
         index.check_model(model)  # stored chunk encodings must come from this model's chunk encoder
-        _ = index.retriever  # load the retrieval encoder now, not inside the first question's timing
+        index.load_retriever(model.config.dtype)  # now, not inside the first question's timing
         self.index, self.model = index, model
 
     def ask(

@@ -17,6 +17,10 @@ __version__ = "0.1.0"
 # when refrag is imported before torch (the CLI always is); a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from refrag.noise import silence_known_noise  # after the environment is set, before torch loads
+
+silence_known_noise()
+
 _EXPORTS = {
     "ChunkingOptions": "refrag.config",
     "CompressionOptions": "refrag.config",

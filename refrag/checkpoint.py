@@ -190,9 +190,10 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
                              "layers: an adapter merged into the decoder would change it too. Train a compressor "
                              "for the adapted decoder (`refrag train reconstruct --decoder-adapter ...`).")
         if manifest.config.decoder_adapter is None:
-            log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s (refrag mode "
-                        "may lose quality: measure it with `refrag eval perplexity`, or train a compressor with "
-                        "--decoder-adapter)", path, decoder_adapter)
+            log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s: refrag mode "
+                        "can lose all of its context benefit (measured for a mild adapter in docs/byo.md; check "
+                        "yours with `refrag eval perplexity`) - train a compressor with --decoder-adapter",
+                        path, decoder_adapter)
     config = replace(manifest.config, **parts, **({"dtype": dtype} if dtype is not None else {}),
                      quantize=None)  # quantization is load_model's (inference only): the weights load as trained
     try:

@@ -31,6 +31,7 @@ from refrag.integrity import CHECKSUM_LIMIT, FileRecord, record_tree, total_byte
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.manifest import ManifestKind, parse_typed, read_manifest
 from refrag.modeling import RefragModel
+from refrag.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def load_model(
     decoder: str | None = None,
     encoder: str | None = None,
     k: int | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     progress: bool = True,
     merge: bool = True,
     decoder_adapter: str | None = None,
@@ -261,7 +262,10 @@ def load_model(
     decoder for compressed inputs (faster decoding, one more decoder's memory, ~1 s); commands that only encode
     chunks (index build/add/bench) pass False. A fresh projector is untrained: compressed chunks are then noise
     to the decoder (full mode is unaffected).
+    ``dtype``: "auto" (bfloat16 where the hardware multiplies it natively, else float32: ``refrag.precision``),
+    "bfloat16" or "float32".
     """
+    dtype = resolve_dtype(dtype)
     is_default = (decoder or DEFAULT_DECODER, encoder or DEFAULT_ENCODER, k or DEFAULT_K) == (
         DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
     if checkpoint is not None:  # the user's own: what else they asked for must agree with it

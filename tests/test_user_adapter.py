@@ -63,6 +63,15 @@ def test_a_fine_tuned_folder_works_as_the_decoder(parts):
     torch.testing.assert_close(full_logits(model), expected)
 
 
+@pytest.mark.parametrize(("native", "dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+def test_load_model_resolves_dtype_auto_from_the_hardware(parts, monkeypatch, native, dtype):
+    from refrag import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    model = load_model(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, progress=False)  # "auto"
+    assert model.config.dtype == str(dtype).removeprefix("torch.") and model.dtype == dtype
+
+
 def test_full_mode_is_base_plus_the_users_adapter(parts):
     model = load_model(decoder=str(parts["base"]), encoder=str(parts["encoder"]), k=4, dtype="float32",
                        progress=False, decoder_adapter=str(parts["adapters"][0]))

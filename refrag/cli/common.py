@@ -33,7 +33,7 @@ Encoder = Annotated[str | None, typer.Option(
          "checkpoint's / the index's)", show_default=False)]
 K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compressed chunk (default: {DEFAULT_K}, "
                                                    "or the checkpoint's / the index's)", show_default=False)]
-DType = Annotated[str, typer.Option(help="bfloat16 (fast on CPUs with AMX) or float32")]
+DType = Annotated[str, typer.Option(help="auto (bfloat16 where the CPU / GPU multiplies it natively: AVX512-BF16, AMX or a bf16 GPU; else float32), bfloat16 or float32")]
 DecoderAdapter = Annotated[str | None, typer.Option(
     help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
     show_default=False)]
@@ -89,7 +89,7 @@ class ModelChoice:
     decoder: str | None = None
     encoder: str | None = None
     k: int | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # refrag.precision
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
     decoder_adapter: str | None = None  # a user's LoRA adapter of the decoder (refrag.user_adapter)
     quantize: str | None = None  # "int8" / "int4" (refrag.quantize)
@@ -142,12 +142,12 @@ def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True
     ``quantize=False`` where the decoder never runs (index building encodes chunks only)."""
     params = [flag("decoder", Decoder, None), flag("decoder_adapter", DecoderAdapter, None), flag("encoder", Encoder, None)]
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
-    params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "bfloat16")] if dtype else [])
+    params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "auto")] if dtype else [])
     params += [flag("threads", Threads, None)] if threads else []
     params += [flag("quantize", Quantize, None)] if dtype and quantize else []  # inference (training: no --dtype)
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
-              k: int | None = None, dtype: str = "bfloat16", threads: int | None = None,
+              k: int | None = None, dtype: str = "auto", threads: int | None = None,
               decoder_adapter: str | None = None, quantize: str | None = None) -> ModelChoice:
         if quantize is not None and quantize not in ("int8", "int4", "none"):
             from refrag.errors import InputError

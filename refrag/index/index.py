@@ -259,7 +259,7 @@ class Index:
 
     def load_retriever(self, dtype: str) -> RetrievalEncoder:
         """The retrieval encoder, loaded in ``dtype`` unless it is loaded already (bf16 is 7x slower than fp32
-        on CPUs without AVX512-BF16 / AMX)."""
+        on CPUs without AVX512-BF16 / AMX: ``refrag.precision``)."""
         if self._retriever is None:
             self.use_retriever(RetrievalEncoder(self.options.retrieval_encoder, dtype=dtype))
         return self.retriever

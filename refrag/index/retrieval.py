@@ -18,14 +18,15 @@ from refrag.config import DEFAULT_ENCODER
 class RetrievalEncoder:
     """A sentence-transformers model resolved like any refrag model spec (built-in name, folder, HF id)."""
 
-    def __init__(self, spec: str = DEFAULT_ENCODER, *, dtype: str = "bfloat16", progress: bool = False) -> None:
+    def __init__(self, spec: str = DEFAULT_ENCODER, *, dtype: str = "auto", progress: bool = False) -> None:
         from sentence_transformers import SentenceTransformer
 
         from refrag.models import resolve
+        from refrag.precision import resolve_dtype
 
         self.spec = spec
         path = resolve(spec, progress=progress).path
-        self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
+        self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, resolve_dtype(dtype))})
         self.dim = int(self.model.get_embedding_dimension())
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:

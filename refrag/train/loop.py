@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
+from refrag.precision import resolve_bf16
 from refrag.train.loggers import MetricLogger, make_loggers
 from refrag.train.objectives import Example, Score, Task
 from refrag.train.state import FINAL, TrainerState, load_state, save_model, save_state
@@ -43,7 +44,7 @@ class TrainOptions:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    bf16: bool = True  # bf16 autocast (master weights stay fp32)
+    bf16: bool | None = None  # bf16 autocast (master weights stay fp32); None: where bf16 is native (precision)
     gradient_checkpointing: bool = False
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     save_every: int = 100  # steps between checkpoints (0: only at the end)
@@ -53,6 +54,7 @@ class TrainOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "bf16", resolve_bf16(self.bf16))  # a bool from here on
         if self.steps < 1:
             raise InputError(f"--steps must be >= 1 (got {self.steps}).")
         if self.batch_size < 1 or self.micro_batch_size < 1:

@@ -52,7 +52,12 @@ def test_a_killed_run_resumes_without_duplicates(corpus, tmp_path, rmodel, optio
     report = answer_questions(pipe, questions, out, opts, progress=False)
     assert report.already == 3 and report.answered == 2
     again = rows(out)
-    assert [r["id"] for r in again] == [r["id"] for r in complete] and again == complete
+    assert [r["id"] for r in again] == [r["id"] for r in complete]
+    assert rounded(again) == rounded(complete)  # a retrieval score depends on its batch in the 7th digit
+
+
+def rounded(rows: list[dict]) -> list[dict]:
+    return [{**r, "sources": [{**s, "score": round(s["score"], 5)} for s in r["sources"]]} for r in rows]
 
 
 def test_a_question_the_filter_empties_is_skipped_not_fatal(corpus, tmp_path, rmodel, options):  # noqa: F811

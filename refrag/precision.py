@@ -1,6 +1,6 @@
 """Which float type is fast on this machine: bf16 where the hardware multiplies it natively, else fp32.
 
-Measured on two hosts of the same cloud (docs/index.md, "Choosing bf16 or fp32"): a [512 x 576] x [576 x 1536]
+Measured on two hosts of the same cloud (docs/training.md, "bf16 or fp32 depends on the host"): a [512 x 576] x [576 x 1536]
 matmul took 8.6 ms fp32 / 57.6 ms bf16 on an AMD EPYC without AVX512-BF16 (bf16 emulated: 7x slower) and
 5.5 ms fp32 / 1.3 ms bf16 on one with it (4x faster). So ``"auto"`` (the default ``--dtype`` and ``--bf16``)
 asks the hardware instead of assuming.

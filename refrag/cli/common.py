@@ -33,7 +33,8 @@ Encoder = Annotated[str | None, typer.Option(
          "checkpoint's / the index's)", show_default=False)]
 K = Annotated[int | None, typer.Option("--k", help=f"decoder tokens per compressed chunk (default: {DEFAULT_K}, "
                                                    "or the checkpoint's / the index's)", show_default=False)]
-DType = Annotated[str, typer.Option(help="auto (bfloat16 where the CPU / GPU multiplies it natively: AVX512-BF16, AMX or a bf16 GPU; else float32), bfloat16 or float32")]
+DType = Annotated[str, typer.Option(help="auto (bfloat16 where the CPU / GPU multiplies it natively: AVX512-BF16, "
+                                          "AMX or a bf16 GPU; else float32), bfloat16 or float32")]
 DecoderAdapter = Annotated[str | None, typer.Option(
     help="a PEFT LoRA adapter of the decoder (folder or HF id), merged in: full mode = decoder + adapter",
     show_default=False)]

@@ -84,7 +84,9 @@ def _loop_group(out: str, steps: int, micro_batch_size: int):
         flag("resume", Annotated[bool, opt(help="continue exactly from OUT/checkpoint")], False),
         flag("gradient_checkpointing", Annotated[bool, opt(help="gradient checkpointing (less memory, ~30% "
                                                                    "slower)")], False),
-        flag("bf16", Annotated[bool | None, opt(help="bf16 autocast over fp32 master weights (default: where the CPU / GPU has native bf16 matmuls, e.g. AVX512-BF16 or AMX; else fp32)", show_default=False)], None),
+        flag("bf16", Annotated[bool | None, opt(help="bf16 autocast over fp32 master weights (default: where the "
+                                                    "CPU / GPU has native bf16 matmuls, e.g. AVX512-BF16 or "
+                                                    "AMX; else fp32)", show_default=False)], None),
         flag("stop_after", Annotated[int | None, opt(help="stop (with a checkpoint) after this many steps; the "
                                                              "schedule still spans --steps (time boxes, ablations)")],
                 None),

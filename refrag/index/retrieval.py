@@ -26,7 +26,8 @@ class RetrievalEncoder:
 
         self.spec = spec
         path = resolve(spec, progress=progress).path
-        self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, resolve_dtype(dtype))})
+        dtype = resolve_dtype(dtype)
+        self.model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
         self.dim = int(self.model.get_embedding_dimension())
 
     def encode_queries(self, queries: Sequence[str]) -> np.ndarray:

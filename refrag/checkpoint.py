@@ -42,8 +42,9 @@ ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when t
 POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
 RESTORE = "Restore the checkpoint folder from where it came, or re-save / re-export the model."
-# The compressor trained for the embedded default models (SmolLM2-135M + all-MiniLM-L6-v2, k=16).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-minilm-k16"
+# The compressor trained for the embedded default decoder (SmolLM2-135M; chunk encoder: its own first 8 layers
+# + LoRA, memory-token pooling; k=16).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-self-k16"
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def load_model(
     ("int8" / "int4", or a checkpoint's recorded scheme; "none" overrides the recorded one): weight-only
     quantization of the decoder for inference (``refrag.quantize``).
 
-    ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, all-MiniLM-L6-v2,
+    ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, the self-encoder,
     16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
     decoder for compressed inputs (faster decoding, one more decoder's memory, ~1 s); commands that only encode
     chunks (index build/add/bench) pass False. A fresh projector is untrained: compressed chunks are then noise

@@ -18,7 +18,8 @@ PolicyName = Literal[
 ]  # which chunks stay raw (refrag.policy; "learned": the checkpoint's trained policy, refrag.learned_policy)
 
 DEFAULT_DECODER = "smollm2-135m"
-DEFAULT_ENCODER = "all-minilm-l6-v2"
+DEFAULT_ENCODER = "self"  # chunk encoder of the shipped compressor: the decoder's first layers + LoRA
+DEFAULT_RETRIEVAL_ENCODER = "all-minilm-l6-v2"  # sentence-transformers model for passage / query vectors
 DEFAULT_K = 16  # decoder tokens per chunk (the paper's REFRAG16)
 
 

@@ -155,6 +155,16 @@ def test_the_shipped_checkpoint_records_its_files():
     manifest.verify(checkpoint.DEFAULT_CHECKPOINT)  # sha256 of every shipped file, as committed
 
 
+def test_the_shipped_checkpoint_is_what_the_default_names_load():
+    """load_model() with the default decoder / encoder / k takes the shipped folder: its manifest must name them
+    (else `--encoder self` or no flag at all would silently give an untrained projector)."""
+    from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K
+
+    config = CheckpointManifest.read(checkpoint.DEFAULT_CHECKPOINT).config
+    assert (config.decoder, config.encoder, config.k) == (DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
+    assert config.dtype == "bfloat16"  # exported (`refrag train export`), not a training snapshot
+
+
 def test_one_reader_for_checkpoint_and_index_manifests(tmp_path):
     (tmp_path / "index.json").write_text(json.dumps({"format": "refrag-index", "version": 7}))
     with pytest.raises(CheckpointError, match="newer refrag"):

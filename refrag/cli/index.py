@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
-from refrag.config import DEFAULT_ENCODER
+from refrag.config import DEFAULT_RETRIEVAL_ENCODER
 
 app = typer.Typer(no_args_is_help=True, help="Build and extend retrieval indexes (passages + chunk vectors).")
 
@@ -36,7 +36,7 @@ def build_cmd(
     sources: Sources,
     out: Annotated[Path, typer.Option("--out", "-o", help="index folder (replaced atomically)")],
     retrieval_encoder: Annotated[str, typer.Option(help="sentence-transformers model for retrieval vectors")] =
-        DEFAULT_ENCODER,
+        DEFAULT_RETRIEVAL_ENCODER,
     store: Annotated[str, typer.Option(help="vector store: faiss or lancedb (pip install 'refrag\\[lancedb]')")] =
         "faiss",
     store_kind: StoreKind = "flat",

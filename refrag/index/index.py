@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refrag.chunking import Passage, make_passage, split_passages
-from refrag.config import DEFAULT_ENCODER, ChunkingOptions, check_top_k
+from refrag.config import DEFAULT_RETRIEVAL_ENCODER, ChunkingOptions, check_top_k
 from refrag.errors import CheckpointError, InputError
 from refrag.index.chunkstore import REBUILD, PassageMeta, ShardReader, ShardWriter, content_id
 from refrag.index.ingest import iter_documents
@@ -47,7 +47,7 @@ class IndexOptions:
     """How an index is built (saved in its manifest; ``add`` reuses the saved values)."""
 
     passage_tokens: int = 256  # max decoder tokens per passage
-    retrieval_encoder: str = DEFAULT_ENCODER  # sentence-transformers model for passage/query vectors
+    retrieval_encoder: str = DEFAULT_RETRIEVAL_ENCODER  # sentence-transformers model for passage/query vectors
     store: StoreOptions = field(default_factory=StoreOptions)
     shard_passages: int = 8192  # passages per chunk-store shard
     batch_passages: int = 128  # passages encoded together

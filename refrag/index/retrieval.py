@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from refrag.config import DEFAULT_ENCODER
+from refrag.config import DEFAULT_RETRIEVAL_ENCODER
 
 
 class RetrievalEncoder:
     """A sentence-transformers model resolved like any refrag model spec (built-in name, folder, HF id)."""
 
-    def __init__(self, spec: str = DEFAULT_ENCODER, *, dtype: str = "auto", progress: bool = False) -> None:
+    def __init__(self, spec: str = DEFAULT_RETRIEVAL_ENCODER, *, dtype: str = "auto", progress: bool = False) -> None:
         from sentence_transformers import SentenceTransformer
 
         from refrag.models import resolve

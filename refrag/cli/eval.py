@@ -143,6 +143,9 @@ def qa_cmd(
                                                  "counterfactual": counterfactual,
                                                  "model": choice.checkpoint or "default", "seed": seed})
         write_jsonl_atomic(out / "examples.jsonl", (asdict(r) for r in records))
+        from refrag.eval.report import plot_qa_positions
+
+        plot_qa_positions(rows, out / "quality_vs_positions.png")
     if json_out:
         print_json({"modes": rows, "comparisons": deltas})
         return

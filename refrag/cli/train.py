@@ -143,7 +143,8 @@ def reconstruct_cmd(
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
     reconstruct each context from its chunk vectors. Without --init the compressor is new: --encoder picks its
     chunk encoder (a text encoder such as all-minilm-l6-v2 or mpnet, `self`: the decoder's first layers + LoRA,
-    or `tokens`: the decoder's token embeddings + a small mixer)."""
+    or `tokens`: the decoder's token embeddings + a small mixer; default `self`, the shipped compressor's, which
+    was trained with --pooling memory: docs/training.md has its commands)."""
     from refrag.config import RefragConfig
     from refrag.train.common import StageOptions
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,30 @@ def plot_qa(rows: list[dict], path: Path) -> Path:
         ax.plot([r["ttft_p50_s"]], [r["f1"]], "o", ms=8, label=f"{r['mode']} ({r['passages']} passages)")
     ax.set(xlabel="median TTFT (s)", ylabel="token F1", title="RAG QA: quality vs latency")
     return _save(fig, ax, path, legend_size=8)
+
+
+def qa_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(decoder positions, answer-contained) per QA row family: ``full``, ``refrag`` (no expansion) and one
+    series per mode kind + policy across its budgets (``refrag+lexical10%`` and ``refrag+lexical48t`` are both
+    ``refrag+lexical``), sorted by positions."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        family = re.sub(r"(\d+(\.\d+)?%|\d+t)$", "", r["mode"])
+        series.setdefault(family, []).append((r["decoder_positions"], r["contains"]))
+    return {name: sorted(points) for name, points in series.items()}
+
+
+def plot_qa_positions(rows: list[dict], path: Path) -> Path:
+    """QA answer-contained against mean decoder positions: one line per policy (its budgets), one point per
+    plain mode, so quality at equal positions reads off one figure."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, points in qa_series(rows).items():
+        ax.plot(*zip(*points), "o" if len(points) == 1 else "o-", ms=7 if len(points) == 1 else 4,
+                ls="-" if name.startswith("refrag") else "--", label=name)
+    ax.set(xlabel="mean decoder positions per question", ylabel="answer-contained",
+           title="RAG QA: quality vs decoder positions")
+    return _save(fig, ax, path, legend_size=7)
 
 
 def training_series(runs: Path) -> dict[str, list[tuple[int, float]]]:

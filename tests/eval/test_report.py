@@ -79,3 +79,18 @@ def test_training_curves_take_train_loss_and_held_out_log_ppl(tmp_path):
 ])
 def test_quality_vs_rate_places_methods_and_skips_controls(method, rate):
     assert _rate(method, 512, 16) == (rate if rate is None else pytest.approx(rate))
+
+
+def test_qa_series_group_budgets_by_policy_and_the_plot_is_written(tmp_path):
+    from refrag.eval.report import plot_qa_positions, qa_series
+
+    rows = [{"mode": m, "decoder_positions": p, "contains": c} for m, p, c in [
+        ("full", 464.0, 0.16), ("refrag", 74.0, 0.03), ("refrag+lexical25%", 190.0, 0.12),
+        ("refrag+lexical10%", 115.0, 0.12), ("refrag+lexical48t", 118.0, 0.11), ("extractive+lexical10%", 98.0, 0.2),
+        ("refrag@8+similarity2.5%", 300.0, 0.1)]]
+    series = qa_series(rows)
+    assert series["refrag+lexical"] == [(115.0, 0.12), (118.0, 0.11), (190.0, 0.12)]  # sorted by positions
+    assert series["full"] == [(464.0, 0.16)] and series["refrag"] == [(74.0, 0.03)]
+    assert series["extractive+lexical"] == [(98.0, 0.2)] and series["refrag@8+similarity"] == [(300.0, 0.1)]
+    path = plot_qa_positions(rows, tmp_path / "q.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

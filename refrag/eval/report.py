@@ -109,8 +109,9 @@ def plot_qa_positions(rows: list[dict], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in qa_series(rows).items():
-        ax.plot(*zip(*points), "o" if len(points) == 1 else "o-", ms=7 if len(points) == 1 else 4,
-                ls="-" if name.startswith("refrag") else "--", label=name)
+        single = len(points) == 1
+        ax.plot(*zip(*points), marker="o", ms=7 if single else 4,
+                ls="none" if single else "-" if name.startswith("refrag") else "--", label=name)
     ax.set(xlabel="mean decoder positions per question", ylabel="answer-contained",
            title="RAG QA: quality vs decoder positions")
     return _save(fig, ax, path, legend_size=7)

@@ -25,6 +25,8 @@ def records(spec: str) -> tuple[str, dict[tuple, dict[str, float]]]:
         sys.exit(f"{path} does not exist: pass a folder written by `refrag eval qa|perplexity --out`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if rows and "question" in rows[0]:
+        if not any(r["mode"] == column for r in rows):
+            sys.exit(f"{path} has no mode {column!r}: it has {sorted({r['mode'] for r in rows})}")
         return "qa", {(r["question"],): {"contains": r["contains"], "f1": r["f1"]} for r in rows
                       if r["mode"] == column}
     if rows and column not in rows[0]:

@@ -15,6 +15,7 @@ the swapped one and ``memory`` is the rate at which the model still says the ori
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -114,6 +115,19 @@ class QASummary:
     passages: int
 
 
+def budget_label(fraction: float, tokens: int | None) -> str:
+    """The suffix a budget gives a mode's name: ``10%`` for a fraction of chunks, ``48t`` for decoder positions."""
+    return f"{tokens}t" if tokens is not None else f"{100 * fraction:g}%"
+
+
+_BUDGET_SUFFIX = re.compile(r"(\d+(\.\d+)?%|\d+t)$")  # what budget_label appends
+
+
+def mode_family(name: str) -> str:
+    """A mode's name without its budget (``refrag+lexical10%`` and ``refrag+lexical48t`` -> ``refrag+lexical``)."""
+    return _BUDGET_SUFFIX.sub("", name)
+
+
 def parse_modes(
     spec: str,
     policies: Sequence[str] = (),
@@ -124,7 +138,7 @@ def parse_modes(
 
     ``refrag`` gives its plain row plus one row per policy and budget (each fraction, each token count);
     ``extractive`` gives only the policy rows (it needs a budget)."""
-    budgets = [(f"{100 * f:g}%", f, None) for f in fractions] + [(f"{t}t", 0.0, t) for t in tokens]
+    budgets = [(budget_label(f, None), f, None) for f in fractions] + [(budget_label(0.0, t), 0.0, t) for t in tokens]
     for policy in policies:
         check_choice(policy, PolicyName, "--policy")
     modes = []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,10 +95,11 @@ def qa_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """(decoder positions, answer-contained) per QA row family: ``full``, ``refrag`` (no expansion) and one
     series per mode kind + policy across its budgets (``refrag+lexical10%`` and ``refrag+lexical48t`` are both
     ``refrag+lexical``), sorted by positions."""
+    from refrag.eval.qa import mode_family
+
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
-        family = re.sub(r"(\d+(\.\d+)?%|\d+t)$", "", r["mode"])
-        series.setdefault(family, []).append((r["decoder_positions"], r["contains"]))
+        series.setdefault(mode_family(r["mode"]), []).append((r["decoder_positions"], r["contains"]))
     return {name: sorted(points) for name, points in series.items()}
 
 

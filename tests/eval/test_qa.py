@@ -159,3 +159,14 @@ def test_eval_qa_cli_takes_policies_and_budgets(qa_file, tmp_path):
     assert len(data["comparisons"]) == 6 and {"mean", "low", "high"} <= set(data["comparisons"][0]["contains"])
     bad = CliRunner().invoke(app, [*args[:-7], "--modes", "refrag", "--expand-fraction", "0.5,x"])
     assert bad.exit_code != 0 and "--expand-fraction: 'x'" in str(bad.exception)
+
+
+def test_mode_family_strips_exactly_the_budget_parse_modes_appends():
+    from refrag.eval.qa import mode_family
+
+    modes = parse_modes("full,refrag,refrag@8,extractive", ["lexical", "random"], [0.1, 0.025], [48])
+    families = {m.name: mode_family(m.name) for m in modes}
+    assert families["full"] == "full" and families["refrag@8"] == "refrag@8"
+    for m in modes:
+        if m.policy is not None:
+            assert families[m.name].endswith(f"+{m.policy}"), m.name

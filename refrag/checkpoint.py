@@ -78,6 +78,8 @@ class CheckpointManifest:
             del config["decoder_adapter"], config["decoder_adapter_sha256"]
         if self.config.quantize is None:
             del config["quantize"]
+        if self.config.adapter_scope == "sequence":  # the scope every earlier manifest had
+            del config["adapter_scope"]
         return {**CHECKPOINT.header(), "config": config, "components": dict(self.components),
                 "encoder_hidden": self.encoder_hidden, "decoder_hidden": self.decoder_hidden,
                 "files": {name: asdict(r) for name, r in self.files.items()}}

@@ -13,6 +13,8 @@ from refrag.errors import InputError
 Mode = Literal["full", "refrag"]  # full: every chunk as tokens (plain RAG); refrag: compressed chunks
 DType = Literal["bfloat16", "float32"]  # fp16 overflows with inputs_embeds
 Pooling = Literal["mean", "cls", "last", "memory"]  # text encoders: mean / cls; the self-encoder: mean / last / memory
+# where the compressor's decoder adapter applies in a compressed input: every position, or the chunk vectors' only
+AdapterScope = Literal["sequence", "chunks"]
 PolicyName = Literal[
     "none", "first", "last", "random", "similarity", "lexical", "perplexity-desc", "perplexity-asc", "learned"
 ]  # which chunks stay raw (refrag.policy; "learned": the checkpoint's trained policy, refrag.learned_policy)
@@ -125,10 +127,12 @@ class RefragConfig:
     decoder_adapter: str | None = None  # a user's PEFT LoRA adapter of the decoder, merged in at load (user_adapter)
     decoder_adapter_sha256: str | None = None  # its digest, recorded when a compressor is made with it
     quantize: str | None = None  # "int8" / "int4": the decoder's weights quantized at load_model (refrag.quantize)
+    adapter_scope: AdapterScope = "sequence"  # "chunks": text positions always run the original decoder
 
     def __post_init__(self) -> None:
         ChunkingOptions(k=self.k, passage_tokens=max(self.k, 256))
         check_choice(self.pooling, Pooling, "pooling")
+        check_choice(self.adapter_scope, AdapterScope, "adapter_scope")
         if self.encoder_max_tokens < 4:
             raise InputError(f"encoder_max_tokens must be >= 4 (got {self.encoder_max_tokens}).")
         if self.encoder_layers < 1 or self.encoder_lora_rank < 1:

@@ -299,7 +299,7 @@ def _prefill_and_decode(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    with model.decoder_for(inputs.compressed) as decoder:
+    with model.decoder_for(inputs.compressed, inputs.vector_mask) as decoder:
         t_pre = time.perf_counter()
         mask = inputs.attention_mask
         out = decoder(
@@ -318,6 +318,7 @@ def _prefill_and_decode(
         kv_bytes = kv_cache_bytes(out.past_key_values)
         rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
                 for b in range(len(batch.requests))]
+    with model.decoder_for(inputs.compressed) as decoder:  # new tokens are text (a chunk-scoped adapter: off)
         _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator, cancelled)
     total = time.perf_counter() - batch.t0
     steps = max(len(r.ids) for r in rows)

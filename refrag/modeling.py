@@ -9,7 +9,9 @@
    ``scored_layout`` adds the labels (the one place targets are put after a prefix).
 4. ``RefragModel.build_inputs`` embeds and left-pads a batch of layouts into ``inputs_embeds``.
 5. ``RefragModel.decoder_for`` is the decoder-adapter switch: a LoRA adapter (when trained) runs on compressed
-   inputs only; text-only inputs run the original decoder, so full-context mode stays the plain decoder.
+   inputs only; text-only inputs run the original decoder, so full-context mode stays the plain decoder. With
+   ``adapter_scope="chunks"`` it runs at the chunk-vector positions only (``ChunkScope``): every text position
+   of a compressed input (template, question, raw chunks, the answer) is computed by the original weights too.
 6. ``token_nll`` is the one negative log-likelihood every loss and score is made of.
 
 Loading and saving checkpoints is :mod:`refrag.checkpoint`; which chunks stay raw is :mod:`refrag.policy`.
@@ -28,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from refrag.chunking import Chunk
-from refrag.config import RefragConfig
+from refrag.config import AdapterScope, RefragConfig
 from refrag.encoders import ChunkEncoder
 from refrag.errors import CheckpointError, InputError
 
@@ -210,6 +212,47 @@ class DecoderInputs:
     position_ids: torch.Tensor  # [B, T] long, 0.. on real positions
     labels: torch.Tensor | None = None  # [B, T] long, target after each position
     compressed: bool = True  # some position holds a chunk vector (selects the decoder adapter, if any)
+    vector_mask: torch.Tensor | None = None  # [B, T] bool, True at chunk-vector positions
+
+
+class ChunkScope:
+    """A decoder LoRA adapter confined to the chunk-vector positions (``adapter_scope="chunks"``).
+
+    A forward hook on every ``lora_B`` multiplies the adapter's update by the current call's vector mask, so a
+    text position's hidden state is exactly the original decoder's function of its inputs; only the vectors'
+    (and through attention, what reads them) differ. Text-only calls and cached decoding of new (text) tokens run
+    with the adapter disabled, so they cost nothing extra. Rationale (docs/training.md): an adapter on every
+    position also rewrites how the instruct decoder answers, which costs QA accuracy even on raw chunks.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None  # [B, T, 1] of the running call
+        self._handles: list = []
+
+    def install(self, decoder: nn.Module) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        self.remove()
+        self._handles = [b.register_forward_hook(self._hook) for m in decoder.modules() if isinstance(m, LoraLayer)
+                         for b in m.lora_B.values()]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def active(self, vector_mask: torch.Tensor) -> Iterator[None]:
+        self.mask = vector_mask.unsqueeze(-1)
+        try:
+            yield
+        finally:
+            self.mask = None
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or self.mask.shape[:2] != output.shape[:2]:
+            raise RuntimeError("a chunk-scoped adapter ran outside RefragModel.decoder_for(..., vector_mask).")
+        return output * self.mask.to(output.dtype)  # [B, T, out]
 
 
 @contextlib.contextmanager
@@ -242,6 +285,7 @@ class RefragModel(nn.Module):
         self.projector = projector or Projector(encoder.hidden_size, decoder.config.hidden_size, config.target_rms)
         self.projector.to(device=decoder.device, dtype=decoder.dtype)
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
+        self.chunk_scope = ChunkScope()  # installed when config.adapter_scope == "chunks" and there is an adapter
         self.policy_network: nn.Module | None = None  # a learned expansion policy (refrag.learned_policy), if any
 
     @property
@@ -337,7 +381,8 @@ class RefragModel(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         has_labels = any(x.labels is not None for x in layouts)
         return DecoderInputs(
-            embeds, mask, position_ids, labels.to(self.device) if has_labels else None, compressed=bool(vectors)
+            embeds, mask, position_ids, labels.to(self.device) if has_labels else None, compressed=bool(vectors),
+            vector_mask=flags,
         )
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:
@@ -349,7 +394,7 @@ class RefragModel(nn.Module):
         if inputs.labels is None:
             raise InputError("forward() needs labels; use decoder_logits() for inference.")
         keep = (inputs.labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
-        with self.decoder_for(inputs.compressed) as decoder:
+        with self.decoder_for(inputs.compressed, inputs.vector_mask) as decoder:
             out = decoder(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
@@ -361,7 +406,7 @@ class RefragModel(nn.Module):
 
     def decoder_logits(self, inputs: DecoderInputs) -> torch.Tensor:
         """Full logits [B, T, V] (for tests and analysis)."""
-        with self.decoder_for(inputs.compressed) as decoder:
+        with self.decoder_for(inputs.compressed, inputs.vector_mask) as decoder:
             return decoder(
                 inputs_embeds=inputs.inputs_embeds,
                 attention_mask=inputs.attention_mask,
@@ -383,6 +428,7 @@ class RefragModel(nn.Module):
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
         with quiet_peft():
             self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
+        self.set_adapter_scope(self.config.adapter_scope)
 
     def attach_adapter(self, folder) -> None:
         """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
@@ -394,20 +440,45 @@ class RefragModel(nn.Module):
         except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
             raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
         self.decoder.to(dtype=self.dtype)
+        self.set_adapter_scope(self.config.adapter_scope)
+
+    @property
+    def chunk_scoped(self) -> bool:
+        """The adapter runs at chunk-vector positions only (``adapter_scope="chunks"``)."""
+        return self.has_adapter and self.config.adapter_scope == "chunks"
+
+    def set_adapter_scope(self, scope: AdapterScope) -> None:
+        """Where the decoder adapter applies in compressed inputs (recorded in the config, so checkpoints keep it)."""
+        self.config = replace(self.config, adapter_scope=scope)
+        self.chunk_scope.remove()
+        if self.chunk_scoped:
+            self.chunk_scope.install(self.decoder)
+            self.merged_decoder = None  # a merged copy would apply the adapter at every position
 
     def merge_adapter(self) -> None:
         """Inference speed-up: a second copy of the decoder with the adapter merged into its weights, used for
         compressed inputs. An unmerged LoRA adds ~400 small matmuls to every forward (on 2 CPU cores +0.06-0.1 s
         per prefill and +15 ms per token, docs/bench/ttft.md). Costs one more decoder's memory; for inference
-        only (the copy does not follow further training of the adapter)."""
-        if self.has_adapter and self.merged_decoder is None:
+        only (the copy does not follow further training of the adapter). Not for a chunk-scoped adapter: its
+        prefill needs both the original and the adapted weights."""
+        if self.has_adapter and not self.chunk_scoped and self.merged_decoder is None:
             self.merged_decoder = copy.deepcopy(self.decoder).merge_and_unload().requires_grad_(False).eval()
 
     @contextlib.contextmanager
-    def decoder_for(self, compressed: bool) -> Iterator[PreTrainedModel]:
+    def decoder_for(self, compressed: bool, vector_mask: torch.Tensor | None = None) -> Iterator[PreTrainedModel]:
         """The decoder module to run. The adapter belongs to REFRAG inputs: text-only inputs (full context, no
-        context) run the original decoder, so baselines and plain RAG stay exactly the decoder's own."""
-        if compressed and self.merged_decoder is not None:
+        context) run the original decoder, so baselines and plain RAG stay exactly the decoder's own.
+
+        ``vector_mask`` [B, T] (``DecoderInputs.vector_mask``) places a chunk-scoped adapter; a compressed call
+        without it (cached decoding of new tokens, which are text) then runs the original decoder."""
+        if self.chunk_scoped:
+            if compressed and vector_mask is not None:
+                with self.chunk_scope.active(vector_mask):
+                    yield self.decoder
+            else:
+                with self.decoder.disable_adapter():
+                    yield self.decoder
+        elif compressed and self.merged_decoder is not None:
             yield self.merged_decoder
         elif self.has_adapter and not compressed:
             with self.decoder.disable_adapter():

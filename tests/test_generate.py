@@ -170,3 +170,28 @@ def test_non_finite_vectors_or_weights_are_an_error_not_an_empty_answer():
         model.decoder.model.norm.weight.fill_(float("nan"))
     with pytest.raises(CheckpointError, match="NaN"):
         generate(model, [request], compression=CompressionOptions(mode="full"), sampling=SamplingOptions(max_new_tokens=2))
+
+
+
+def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
+    """Cached decoding of new tokens (text: the original weights) picks the tokens a full recompute of prompt +
+    answer, with the adapter at the vector positions only, picks."""
+    from refrag.modeling import Layout
+
+    model = add_random_lora(tiny_refrag("llama"))
+    model.set_adapter_scope("chunks")
+    sampling = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    answer = generate(model, [_request(model)], sampling=sampling)[0].token_ids
+    template = PromptTemplate.for_tokenizer(model.tokenizer)
+    request = _request(model).with_encodings(model)
+    with torch.no_grad():
+        vectors = model.project(torch.cat(list(request.encoded)))
+    prompt = rag_layout(model, template, template.question_ids(model.tokenizer, request.question), request.passages,
+                        vectors, set())
+    tail = torch.tensor(list(answer[:-1]))
+    whole = Layout(torch.cat([prompt.token_ids, tail]), torch.cat([prompt.is_vector, torch.zeros_like(tail, dtype=torch.bool)]),
+                   prompt.vectors)
+    logits = model.decoder_logits(model.build_inputs([whole]))[0, prompt.length - 1 :]  # [n, V]
+    assert logits.argmax(-1).tolist() == list(answer)
+    model.set_adapter_scope("sequence")
+    assert generate(model, [_request(model)], sampling=sampling)[0].token_ids != answer  # the scope matters

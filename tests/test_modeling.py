@@ -163,3 +163,54 @@ def test_the_model_does_not_change_the_callers_config(model):
     tok = make_tokenizer()
     built = RefragModel(config, TextEncoder(tiny_encoder(len(tok)), tok), tiny_decoder("llama", len(tok)), tok)
     assert config.target_rms is None and built.config.target_rms is not None
+
+
+def _scoped(tmp_path):
+    model = with_trained_lora(tmp_path)
+    model.set_adapter_scope("chunks")
+    return model
+
+
+def test_chunk_scoped_adapter_leaves_every_text_position_to_the_original_weights(tmp_path):
+    """Positions before the first vector (and rows without vectors) are the plain decoder's; after it they are
+    not (the vector's adapted keys / values are read), and differ from the adapter at every position too."""
+    model, plain = _scoped(tmp_path), tiny_refrag("llama")
+    vec = torch.randn(1, 64)
+    layouts = [segments_layout([[2, 5, 6], vec, [7, 8, 9]], 64, torch.float32),
+               segments_layout([[2, 5, 6, 7, 8, 9, 10]], 64, torch.float32)]
+    inputs = model.build_inputs(layouts)
+    assert inputs.vector_mask.tolist() == [[False] * 3 + [True] + [False] * 3, [False] * 7]
+    ours, ref = model.decoder_logits(inputs), plain.decoder_logits(inputs)
+    torch.testing.assert_close(ours[0, :3], ref[0, :3])
+    torch.testing.assert_close(ours[1], ref[1])  # a text-only row of a compressed batch
+    assert not torch.allclose(ours[0, 3:], ref[0, 3:], atol=1e-3)
+    model.set_adapter_scope("sequence")
+    everywhere = model.decoder_logits(inputs)
+    assert not torch.allclose(everywhere[0, 4:], ours[0, 4:], atol=1e-3)
+    assert not torch.allclose(everywhere[1], ref[1], atol=1e-3)
+
+
+def test_chunk_scoped_adapter_is_not_merged_and_refuses_calls_outside_decoder_for(tmp_path):
+    model = _scoped(tmp_path)
+    model.merge_adapter()
+    assert model.merged_decoder is None  # a merged copy would adapt every position
+    with pytest.raises(RuntimeError, match="outside RefragModel.decoder_for"):
+        model.decoder(inputs_embeds=torch.randn(1, 3, 64))
+
+
+def test_chunk_scope_survives_a_checkpoint_round_trip(tmp_path):
+    from refrag.checkpoint import CheckpointManifest, load, save
+
+    save(_scoped(tmp_path), tmp_path / "ckpt")
+    assert CheckpointManifest.read(tmp_path / "ckpt").config.adapter_scope == "chunks"
+    loaded = load(tmp_path / "ckpt", progress=False)
+    assert loaded.chunk_scoped and loaded.chunk_scope._handles
+    save(with_trained_lora(tmp_path / "b"), tmp_path / "plain")  # the default scope is not written
+    assert "adapter_scope" not in (tmp_path / "plain" / "refrag.json").read_text()
+
+
+def test_vllm_refuses_a_chunk_scoped_adapter_before_starting(tmp_path):
+    from refrag.serve.vllm import VLLMOptions, VLLMServer
+
+    with pytest.raises(InputError, match="--backend torch"):
+        VLLMServer(_scoped(tmp_path), VLLMOptions("python")).start()

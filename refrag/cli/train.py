@@ -42,6 +42,10 @@ TrainDecoder = Annotated[str, typer.Option(help="frozen, full (all decoder param
 TrainEncoder = Annotated[bool, typer.Option(help="train the encoder (--no-train-encoder: it stays as the previous "
                                                  "stage left it; the projector still trains)")]
 LoraRank = Annotated[int, typer.Option(help="rank of the decoder's LoRA adapter (--train-decoder lora)")]
+Scope = Annotated[str | None, typer.Option(
+    help="where the decoder's adapter applies in compressed inputs: sequence (every position) or chunks (the "
+         "chunk vectors only: text positions stay the original decoder's; default: as --init has it, else "
+         "sequence)", show_default=False)]
 Seed = Annotated[int, typer.Option(help="seed: data order, windows, held-out set")]
 
 
@@ -138,7 +142,8 @@ def _run(stage: str, init: str | None, fresh: RefragConfig | None, data, stage_o
 def reconstruct_cmd(
     init: Annotated[str | None, typer.Option(help="a reconstruct checkpoint to continue from")] = None,
     max_chunks: MaxChunks = 8, curriculum: Curriculum = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, seed: Seed = 0, *, choice: ModelChoice, encoder_settings: dict[str, Any], data, loop,
+    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, choice: ModelChoice,
+    encoder_settings: dict[str, Any], data, loop,
 ) -> None:
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
     reconstruct each context from its chunk vectors. Without --init the compressor is new: --encoder picks its
@@ -149,7 +154,7 @@ def reconstruct_cmd(
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, train_decoder=train_decoder,  # type: ignore[arg-type]
-                         lora_rank=lora_rank, seed=seed)
+                         lora_rank=lora_rank, adapter_scope=adapter_scope, seed=seed)  # type: ignore[arg-type]
     from refrag.errors import InputError
 
     parts = {"decoder": choice.decoder, "encoder": choice.encoder, "k": choice.k,
@@ -167,14 +172,14 @@ def reconstruct_cmd(
 def cpt_cmd(
     init: Init, max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, seed: Seed = 0, *, data, loop,
+    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, continuation_tokens=continuation_tokens,
                          distill=distill, train_decoder=train_decoder, train_encoder=train_encoder,  # type: ignore[arg-type]
-                         lora_rank=lora_rank, seed=seed)
+                         lora_rank=lora_rank, adapter_scope=adapter_scope, seed=seed)  # type: ignore[arg-type]
     _run("cpt", init, None, data, stage, loop)
 
 
@@ -184,14 +189,15 @@ def cpt_cmd(
 def mixed_cmd(
     init: Init, max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, seed: Seed = 0, *, data, loop,
+    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=False, continuation_tokens=continuation_tokens,
                          expand_fraction=expand_fraction, distill=distill, train_decoder=train_decoder,  # type: ignore[arg-type]
-                         train_encoder=train_encoder, lora_rank=lora_rank, seed=seed)
+                         train_encoder=train_encoder, lora_rank=lora_rank, adapter_scope=adapter_scope,  # type: ignore[arg-type]
+                         seed=seed)
     _run("mixed", init, None, data, stage, loop)
 
 

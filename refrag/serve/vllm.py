@@ -78,6 +78,10 @@ class VLLMServer:
         if self.model.config.decoder_adapter is not None:
             raise InputError("--backend vllm serves the decoder's own folder; a --decoder-adapter is merged in memory "
                              "only: save the merged decoder to a folder and pass it as --decoder instead.")
+        if self.model.chunk_scoped:
+            raise InputError("this compressor's decoder adapter applies at chunk-vector positions only "
+                             "(adapter_scope: chunks), which a vLLM LoRA module cannot do (it adapts every token): "
+                             "serve it with the default --backend torch.")
         decoder = Path(resolve(self.model.config.decoder, progress=False).path)
         port = self.options.port or free_port()
         window = getattr(self.model.decoder.config, "max_position_embeddings", 2048)

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from refrag import checkpoint
-from refrag.config import RefragConfig, check_fraction
+from refrag.config import AdapterScope, RefragConfig, check_choice, check_fraction
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import RefragModel
 from refrag.train.curriculum import build_curriculum, chunk_types, flat_order
@@ -43,6 +43,7 @@ class StageOptions:
     train_decoder: TrainDecoder = "frozen"
     train_encoder: bool = True  # False: only the projector (and the decoder per train_decoder) trains
     lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
+    adapter_scope: AdapterScope | None = None  # where that adapter applies (None: as the checkpoint / config has it)
     seed: int = 0
     eval_per_type: int = 8  # held-out examples per number of chunks at each evaluation
 
@@ -58,6 +59,8 @@ class StageOptions:
             raise InputError(f"--train-decoder must be frozen, full or lora (got {self.train_decoder!r}).")
         if self.lora_rank < 1:
             raise InputError(f"--lora-rank must be >= 1 (got {self.lora_rank}).")
+        if self.adapter_scope is not None:
+            check_choice(self.adapter_scope, AdapterScope, "--adapter-scope")
 
 
 def check_stage_order(recipe: Recipe, init_stage: str | None) -> None:
@@ -92,6 +95,8 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
     train_decoder = options.train_decoder
     if model.has_adapter and train_decoder == "full":
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
+    if options.adapter_scope is not None:
+        model.set_adapter_scope(options.adapter_scope)
     if train_decoder == "lora" and not model.has_adapter:
         model.add_lora(options.lora_rank)
     model.encoder.set_trainable(options.train_encoder)

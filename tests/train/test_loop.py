@@ -156,6 +156,21 @@ def test_lora_trains_the_adapter_not_the_decoder(tmp_path, recipe, continuation)
         cpt(model, corpus(model), StageOptions(continuation_tokens=6, train_decoder="full"), options(tmp_path / "b"))
 
 
+
+def test_a_chunk_scoped_adapter_trains_and_its_checkpoint_keeps_the_scope(tmp_path):
+    from refrag.checkpoint import CheckpointManifest
+
+    model = tiny_refrag("llama", k=4)
+    stage = StageOptions(max_chunks=4, continuation_tokens=6, train_decoder="lora", lora_rank=4, eval_per_type=2,
+                         adapter_scope="chunks")
+    cpt(model, corpus(model), stage, options(tmp_path, steps=2, eval_every=0, save_every=0))
+    assert model.chunk_scoped
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())  # gradient reached it
+    assert CheckpointManifest.read(tmp_path / "final").config.adapter_scope == "chunks"
+    with pytest.raises(InputError, match="--adapter-scope"):
+        StageOptions(adapter_scope="tokens")  # type: ignore[arg-type]
+
+
 def test_micro_batches_group_similar_lengths_and_keep_every_example():
     examples = [Example(context=tuple(range(n * 4)), continuation=()) for n in (8, 1, 4, 1, 8, 2)]
     groups = micro_batches(examples, 2)

@@ -163,6 +163,7 @@ def test_the_shipped_checkpoint_is_what_the_default_names_load():
     config = CheckpointManifest.read(checkpoint.DEFAULT_CHECKPOINT).config
     assert (config.decoder, config.encoder, config.k) == (DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
     assert config.dtype == "bfloat16"  # exported (`refrag train export`), not a training snapshot
+    assert config.adapter_scope == "chunks"  # text positions run the original decoder (docs/training.md)
 
 
 def test_one_reader_for_checkpoint_and_index_manifests(tmp_path):

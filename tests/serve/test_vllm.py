@@ -24,6 +24,8 @@ def served():
     from refrag.serve.vllm import VLLMGenerator, VLLMOptions, VLLMServer
 
     model = load_model(dtype="float32", progress=False)  # the shipped compressor: its adapter becomes a vLLM LoRA
+    model.set_adapter_scope("sequence")  # its chunk scope is refused (vLLM adapts every token): the machinery test
+    model.merge_adapter()
     with VLLMServer(model, VLLMOptions(PYTHON)) as server:
         yield model, VLLMGenerator(server)
 

@@ -318,7 +318,7 @@ def _prefill_and_decode(
         kv_bytes = kv_cache_bytes(out.past_key_values)
         rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
                 for b in range(len(batch.requests))]
-    with model.decoder_for(inputs.compressed) as decoder:  # new tokens are text (a chunk-scoped adapter: off)
+    with model.decoder_for(inputs.compressed, decoding=True) as decoder:  # new tokens (a chunk-scoped adapter: off)
         _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator, cancelled)
     total = time.perf_counter() - batch.t0
     steps = max(len(r.ids) for r in rows)

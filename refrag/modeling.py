@@ -226,10 +226,11 @@ class ChunkScope:
     """
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None  # [B, T, 1] of the running call
-        self._handles: list = []
+        self.mask: torch.Tensor | None = None  # [B, T, 1] bool of the running call (one call at a time)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self, decoder: nn.Module) -> None:
+        """Hook every ``lora_B`` of ``decoder`` (an adapter loaded later into it needs another ``install``)."""
         from peft.tuners.lora import LoraLayer
 
         self.remove()
@@ -242,17 +243,25 @@ class ChunkScope:
         self._handles = []
 
     @contextlib.contextmanager
-    def active(self, vector_mask: torch.Tensor) -> Iterator[None]:
-        self.mask = vector_mask.unsqueeze(-1)
+    def active(self, vector_mask: torch.Tensor | None) -> Iterator[None]:
+        """``vector_mask`` [B, T] bool places the adapter for the calls inside (the previous mask is restored after)."""
+        outer, self.mask = self.mask, None if vector_mask is None else vector_mask.unsqueeze(-1)
         try:
             yield
         finally:
-            self.mask = None
+            self.mask = outer
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` for non-reentrant gradient checkpointing: a layer recomputed during backward (after
+        ``decoder_for`` has exited) gets the mask its forward had."""
+        mask = None if self.mask is None else self.mask.squeeze(-1)
+        return contextlib.nullcontext(), self.active(mask)
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if self.mask is None or self.mask.shape[:2] != output.shape[:2]:
-            raise RuntimeError("a chunk-scoped adapter ran outside RefragModel.decoder_for(..., vector_mask).")
-        return output * self.mask.to(output.dtype)  # [B, T, out]
+            raise RuntimeError("a chunk-scoped adapter ran without its [B, T] vector mask: call the decoder through "
+                               "RefragModel.decoder_for(compressed, vector_mask) (and on [B, T, D] activations).")
+        return output * self.mask  # [B, T, out]: zero at text positions
 
 
 @contextlib.contextmanager
@@ -465,14 +474,18 @@ class RefragModel(nn.Module):
             self.merged_decoder = copy.deepcopy(self.decoder).merge_and_unload().requires_grad_(False).eval()
 
     @contextlib.contextmanager
-    def decoder_for(self, compressed: bool, vector_mask: torch.Tensor | None = None) -> Iterator[PreTrainedModel]:
+    def decoder_for(self, compressed: bool, vector_mask: torch.Tensor | None = None, *,
+                    decoding: bool = False) -> Iterator[PreTrainedModel]:
         """The decoder module to run. The adapter belongs to REFRAG inputs: text-only inputs (full context, no
         context) run the original decoder, so baselines and plain RAG stay exactly the decoder's own.
 
-        ``vector_mask`` [B, T] (``DecoderInputs.vector_mask``) places a chunk-scoped adapter; a compressed call
-        without it (cached decoding of new tokens, which are text) then runs the original decoder."""
+        ``vector_mask`` [B, T] (``DecoderInputs.vector_mask``) places a chunk-scoped adapter and is required for
+        its compressed calls; ``decoding``: cached steps over new tokens (text), which then run the original
+        decoder."""
         if self.chunk_scoped:
-            if compressed and vector_mask is not None:
+            if compressed and not decoding:
+                if vector_mask is None:
+                    raise InputError("a chunk-scoped adapter needs the call's vector_mask (DecoderInputs.vector_mask).")
                 with self.chunk_scope.active(vector_mask):
                     yield self.decoder
             else:

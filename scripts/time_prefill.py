@@ -23,10 +23,11 @@ def main() -> None:
     parser.add_argument("--s", type=int, default=4096, help="context tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--text", default=TEXT, help="a text file the context is cut from (held-out text)")
     args = parser.parse_args()
     models = [load_model(c, dtype=args.dtype, progress=False) for c in args.checkpoints]
     tokenizer = models[0].tokenizer
-    context = tokenizer.decode(tokenizer.encode(Path(TEXT).read_text()[: args.s * 8])[: args.s])
+    context = tokenizer.decode(tokenizer.encode(Path(args.text).read_text()[: args.s * 8])[: args.s])
     requests = [Request.from_texts("What is it about?", [context], m.tokenizer).with_encodings(m) for m in models]
     times: list[list[float]] = [[] for _ in models]
     for _ in range(args.repeats):  # interleaved: model A, model B, A, B, ...

@@ -172,7 +172,6 @@ def test_non_finite_vectors_or_weights_are_an_error_not_an_empty_answer():
         generate(model, [request], compression=CompressionOptions(mode="full"), sampling=SamplingOptions(max_new_tokens=2))
 
 
-
 def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
     """Cached decoding of new tokens (text: the original weights) picks the tokens a full recompute of prompt +
     answer, with the adapter at the vector positions only, picks."""
@@ -193,5 +192,8 @@ def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
                    prompt.vectors)
     logits = model.decoder_logits(model.build_inputs([whole]))[0, prompt.length - 1 :]  # [n, V]
     assert logits.argmax(-1).tolist() == list(answer)
+    longer = _request(model, "What is the capital of France, and which river runs through it?")
+    batched = generate(model, [_request(model), longer], sampling=sampling)  # left-padded rows, one mask
+    assert [a.token_ids for a in batched] == [answer, generate(model, [longer], sampling=sampling)[0].token_ids]
     model.set_adapter_scope("sequence")
     assert generate(model, [_request(model)], sampling=sampling)[0].token_ids != answer  # the scope matters

@@ -194,8 +194,10 @@ def test_chunk_scoped_adapter_is_not_merged_and_refuses_calls_outside_decoder_fo
     model = _scoped(tmp_path)
     model.merge_adapter()
     assert model.merged_decoder is None  # a merged copy would adapt every position
-    with pytest.raises(RuntimeError, match="outside RefragModel.decoder_for"):
+    with pytest.raises(RuntimeError, match="without its \\[B, T\\] vector mask"):
         model.decoder(inputs_embeds=torch.randn(1, 3, 64))
+    with pytest.raises(InputError, match="vector_mask"), model.decoder_for(True):
+        pass
 
 
 def test_chunk_scope_survives_a_checkpoint_round_trip(tmp_path):

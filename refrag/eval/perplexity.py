@@ -246,7 +246,8 @@ def evaluate_perplexity(
 ) -> PerplexityResult:
     """Log-perplexity of every example's output tokens under every method of ``options``."""
     start = start_token(model.tokenizer)
-    methods = options.methods() + ([Method(ADAPTER_CONTROL)] if model.has_adapter else [])
+    # the adapter-without-context control; a chunk-scoped adapter never runs without vectors (it would equal no_context)
+    methods = options.methods() + ([Method(ADAPTER_CONTROL)] if model.has_adapter and not model.chunk_scoped else [])
     methods += [Method(FOREIGN_CONTROL, k=options.ks[0])] if len(examples) > 1 else []
     result = PerplexityResult(options, {m.name: [] for m in methods}, list(examples))
     size = options.batch_size

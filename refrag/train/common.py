@@ -96,6 +96,8 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
     if model.has_adapter and train_decoder == "full":
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
     if options.adapter_scope is not None:
+        if train_decoder != "lora" and not model.has_adapter:
+            raise InputError("--adapter-scope places the decoder's LoRA adapter: it needs --train-decoder lora.")
         model.set_adapter_scope(options.adapter_scope)
     if train_decoder == "lora" and not model.has_adapter:
         model.add_lora(options.lora_rank)

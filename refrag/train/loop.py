@@ -183,7 +183,8 @@ def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
     )
     if options.gradient_checkpointing:
         model.encoder.gradient_checkpointing()
-        model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": model.chunk_scope.checkpoint_contexts})
     step = 0
     if options.resume and (options.out_dir / "checkpoint").exists():
         step = load_state(options.out_dir, model, optimizer).step

@@ -156,7 +156,6 @@ def test_lora_trains_the_adapter_not_the_decoder(tmp_path, recipe, continuation)
         cpt(model, corpus(model), StageOptions(continuation_tokens=6, train_decoder="full"), options(tmp_path / "b"))
 
 
-
 def test_a_chunk_scoped_adapter_trains_and_its_checkpoint_keeps_the_scope(tmp_path):
     from refrag.checkpoint import CheckpointManifest
 
@@ -169,6 +168,18 @@ def test_a_chunk_scoped_adapter_trains_and_its_checkpoint_keeps_the_scope(tmp_pa
     assert CheckpointManifest.read(tmp_path / "final").config.adapter_scope == "chunks"
     with pytest.raises(InputError, match="--adapter-scope"):
         StageOptions(adapter_scope="tokens")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="needs --train-decoder lora"):
+        set_trainable(tiny_refrag("llama", k=4), StageOptions(adapter_scope="chunks"), bf16=False)
+
+
+def test_gradient_checkpointing_recomputes_a_chunk_scoped_adapter_with_its_mask(tmp_path):
+    """Backward re-runs checkpointed layers after decoder_for has exited: the mask travels with them."""
+    model = tiny_refrag("llama", k=4)
+    stage = StageOptions(max_chunks=4, continuation_tokens=6, train_decoder="lora", lora_rank=4, eval_per_type=2,
+                         adapter_scope="chunks")
+    cpt(model, corpus(model), stage, options(tmp_path, steps=1, eval_every=0, save_every=0,
+                                             gradient_checkpointing=True))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
 
 
 def test_micro_batches_group_similar_lengths_and_keep_every_example():

@@ -361,11 +361,13 @@ class RefragModel(nn.Module):
         return scored_layout(prefix, target, self.hidden_size, self.dtype, skip_first=skip_first)
 
     # ---------------------------------------------------------------- 4. decoder inputs
-    def build_inputs(self, layouts: Sequence[Layout]) -> DecoderInputs:
+    def build_inputs(self, layouts: Sequence[Layout], *, adapter_on_text: bool = False) -> DecoderInputs:
         """Embed and left-pad a batch of layouts.
 
         Raw-token rows come from the decoder's own embedding module (so model-specific scaling such as
-        Gemma's sqrt(d) applies); vector rows are placed at their positions in order.
+        Gemma's sqrt(d) applies); vector rows are placed at their positions in order. ``adapter_on_text``: the
+        decoder adapter runs on text-only rows too (a text adapter being trained: ``refrag train sft --read
+        text``); otherwise only rows with a chunk vector select it.
         """
         if not layouts:
             raise InputError("build_inputs needs at least one example.")
@@ -390,8 +392,8 @@ class RefragModel(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         has_labels = any(x.labels is not None for x in layouts)
         return DecoderInputs(
-            embeds, mask, position_ids, labels.to(self.device) if has_labels else None, compressed=bool(vectors),
-            vector_mask=flags,
+            embeds, mask, position_ids, labels.to(self.device) if has_labels else None,
+            compressed=bool(vectors) or adapter_on_text, vector_mask=flags,
         )
 
     def forward(self, inputs: DecoderInputs) -> torch.Tensor:

@@ -246,8 +246,9 @@ def policy_cmd(
 @app.command("sft")
 @_loop_group("runs/sft", steps=300, micro_batch_size=8)
 def sft_cmd(
-    init: Init,
     data: Annotated[Path, typer.Option(help="QA rows from `refrag data qa` (the last --eval-examples are held out)")],
+    init: Annotated[str | None, typer.Option(help="checkpoint of the previous stage to start from (its final/ "
+                                                  "folder); none with --read text")] = None,
     target: Annotated[str, typer.Option(help="teacher: the full-context decoder's answer (sequence-level "
                                              "distillation); gold: the row's answer")] = "teacher",
     distill: Annotated[float, typer.Option(help="weight in [0, 1] of a token-level KL to the full-context decoder")]
@@ -258,25 +259,36 @@ def sft_cmd(
     expand_share: Annotated[float, typer.Option(help="share of the examples trained with expansion (the rest: "
                                                      "every chunk compressed)")] = 0.5,
     eval_examples: Annotated[int, typer.Option(help="last rows of --data held out for evaluation")] = 32,
+    read: Annotated[str, typer.Option(help="compressed: train the compressor; text: the fair baseline (LLaMA_FT): "
+                                           "a new adapter of the plain decoder on the same rows, every chunk as "
+                                           "text (evaluate it with `eval qa --modes full --decoder-adapter "
+                                           "OUT/final/decoder_adapter`)")] = "compressed",
     train_encoder: TrainEncoder = True, seed: Seed = 0,
     *, loop,
 ) -> None:
     """Stage 4: answer questions from compressed context (SFT by distillation from the full-context decoder;
     needs a cpt, mixed or sft checkpoint and `refrag data qa` rows)."""
     setup_torch()
+    from refrag import checkpoint
+    from refrag.config import RefragConfig
+    from refrag.errors import InputError
     from refrag.train.common import load_for_stage
     from refrag.train.qa_data import read_items
     from refrag.train.sft import RECIPE, SFTOptions, train_sft
 
     options = SFTOptions(target=target, distill=distill, policy=policy, expand_fraction=expand_fraction,  # type: ignore[arg-type]
                          expand_share=expand_share, eval_examples=eval_examples, train_encoder=train_encoder,
-                         seed=seed)
+                         read=read, seed=seed)  # type: ignore[arg-type]
+    if options.read == "text" and init:
+        raise InputError("--read text fine-tunes the plain decoder (a new text adapter): leave out --init.")
     items = read_items(data)
-    model = load_for_stage(RECIPE, init)
+    model = (checkpoint.from_config(RefragConfig(dtype="float32")) if options.read == "text"
+             else load_for_stage(RECIPE, init))
     typer.echo(f"sft: {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
     result = train_sft(model, items, options, loop)
     for key, s in sorted(result.eval.items()):
-        name = f"{policy} {expand_fraction:.0%} raw" if key else "all compressed"
+        name = (f"{policy} {expand_fraction:.0%} raw" if key else "all compressed") if read == "compressed" \
+            else "every chunk as text"
         typer.echo(f"held-out answers ({name}): log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f}")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 

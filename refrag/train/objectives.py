@@ -200,11 +200,14 @@ def score_examples(model: RefragModel, examples: Sequence[Example], batch_size: 
 
 
 @torch.no_grad()
-def score_layouts(model: RefragModel, layouts: Sequence[Layout], batch_size: int = 8) -> Score:
-    """Token-weighted log-perplexity and top-1 accuracy over the labelled positions of ``layouts``."""
+def score_layouts(model: RefragModel, layouts: Sequence[Layout], batch_size: int = 8, *,
+                  adapter_on_text: bool = False) -> Score:
+    """Token-weighted log-perplexity and top-1 accuracy over the labelled positions of ``layouts``
+    (``adapter_on_text``: as ``RefragModel.build_inputs``)."""
     total_nll, correct, count = 0.0, 0, 0
     for start in range(0, len(layouts), batch_size):
-        logits, labels = model.label_logits(model.build_inputs(layouts[start : start + batch_size]))  # [B, K, V], [B, K]
+        inputs = model.build_inputs(layouts[start : start + batch_size], adapter_on_text=adapter_on_text)
+        logits, labels = model.label_logits(inputs)  # [B, K, V], [B, K]
         nll, mask = token_nll(logits, labels)  # [B, K]
         total_nll += float(nll.sum())
         correct += int(((logits.argmax(-1) == labels) & mask).sum())

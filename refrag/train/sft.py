@@ -12,6 +12,9 @@
 - Examples: a seeded permutation of the training rows per epoch (a pure function of the step: exact resume).
 - Held out: the last ``eval_examples`` rows of the file, never trained on: the target's log-ppl and token
   accuracy with every chunk compressed (key 0) and with the policy's expansion (key 1).
+- ``read="text"``: the fair baseline (the paper's LLaMA_FT): the same rows and loss, every chunk read as text, a
+  fresh decoder adapter that runs on text (the compressor is not used and does not train). Its adapter folder
+  (``final/decoder_adapter``) is then a user adapter: ``refrag eval qa --modes full --decoder-adapter ...``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from refrag.train.objectives import Score, kl_to_teacher, score_layouts
 from refrag.train.qa_data import QAItem
 
 RECIPE = Recipe(stage="sft", after=("cpt", "mixed", "sft"), paper_lr=2e-5)
+TEXT_STAGE = "sft-text"  # the baseline's checkpoints: a text adapter, never the start of a compressor stage
 Target = Literal["teacher", "gold"]
+Read = Literal["compressed", "text"]
 ENCODING_FREE_POLICIES = ("none", "first", "last", "random", "lexical")  # need no chunk encodings, no model
 
 
@@ -49,10 +54,14 @@ class SFTOptions:
     max_target_tokens: int = 32
     eval_examples: int = 32
     train_encoder: bool = True
+    read: Read = "compressed"  # text: the full-context fine-tuning baseline (module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice(self.target, Target, "--target")
+        check_choice(self.read, Read, "--read")
+        if self.read == "text" and self.distill:
+            raise InputError("--read text trains the full-context decoder itself: --distill (a KL to it) must be 0.")
         if self.policy not in ENCODING_FREE_POLICIES:
             raise InputError(f"--policy {self.policy!r}: training chooses chunks without encodings; use one of "
                              f"{', '.join(ENCODING_FREE_POLICIES)}.")
@@ -90,8 +99,13 @@ class SFTTask:
     val_rows: list[SFTExample]
     options: SFTOptions
     template: PromptTemplate
-    stage: str = "sft"
+    stage: str = RECIPE.stage  # TEXT_STAGE for the text baseline
     _question_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def text(self) -> bool:
+        """The text baseline: every chunk raw, the adapter on text."""
+        return self.options.read == "text"
 
     def examples(self, step: int, count: int) -> list[SFTExample]:
         n, out, orders = len(self.train_rows), [], {}
@@ -112,6 +126,7 @@ class SFTTask:
     def layouts(self, model: RefragModel, examples: Sequence[SFTExample], *, text: bool = False) -> list[Layout]:
         """Labelled layouts: the RAG prompt (chunks compressed but the expanded ones; ``text``: every chunk raw, the
         full-context teacher's input) + the target. Every compressed chunk of the batch is encoded in one call."""
+        text = text or self.text
         expanded = [frozenset(range(len(ex.chunks))) if text else ex.expanded for ex in examples]
         contexts = model.contexts([[p.chunks for p in ex.passages] for ex in examples], expanded,
                                   self.template.separator_ids)
@@ -124,7 +139,8 @@ class SFTTask:
         return self._question_ids[question]
 
     def loss(self, model: RefragModel, examples: Sequence[SFTExample]) -> torch.Tensor:
-        logits, labels = model.label_logits(model.build_inputs(self.layouts(model, examples)))  # [B, K, V], [B, K]
+        inputs = model.build_inputs(self.layouts(model, examples), adapter_on_text=self.text)
+        logits, labels = model.label_logits(inputs)  # [B, K, V], [B, K]
         ce = mean_nll(logits, labels)
         if not self.options.distill:
             return ce
@@ -132,16 +148,18 @@ class SFTTask:
         return (1 - self.options.distill) * ce + self.options.distill * kl_to_teacher(model, teacher, logits, labels)
 
     def positions(self, examples: Sequence[SFTExample]) -> int:
-        return sum(len(ex.target) + len(ex.chunks) for ex in examples)
+        return sum(len(ex.target) + (len(ex.context) if self.text else len(ex.chunks)) for ex in examples)
 
     @torch.no_grad()
     def evaluate(self, model: RefragModel, batch_size: int) -> dict[int, Score]:
-        """Held-out target log-ppl / accuracy, every chunk compressed (0) and with the policy's expansion (1)."""
+        """Held-out target log-ppl / accuracy, every chunk compressed (0) and with the policy's expansion (1); the
+        text baseline: every chunk as text (0)."""
         plain = self.val_rows
-        expanded = [self._expanded(ex) for ex in plain]
+        sets = ((0, plain),) if self.text else ((0, plain), (1, [self._expanded(ex) for ex in plain]))
         return {key: score_layouts(model, [layout for i in range(0, len(rows), batch_size)
-                                           for layout in self.layouts(model, rows[i : i + batch_size])], batch_size)
-                for key, rows in ((0, plain), (1, expanded))}
+                                           for layout in self.layouts(model, rows[i : i + batch_size])], batch_size,
+                                   adapter_on_text=self.text)
+                for key, rows in sets}
 
 
 def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOptions) -> list[SFTExample]:
@@ -161,13 +179,20 @@ def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOption
 
 def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, train_options: TrainOptions,
               *, lora_rank: int = 32) -> TrainResult:
-    """Mark what trains (the adapter of a cpt checkpoint trains further), hold out the last rows, run the loop."""
+    """Mark what trains (the adapter of a cpt checkpoint trains further; the text baseline: a fresh adapter of a
+    model without one, nothing of the compressor), hold out the last rows, run the loop."""
+    if options.read == "text" and model.has_adapter:
+        raise InputError("--read text trains a new text adapter of the plain decoder: start it without --init.")
     if len(items) <= options.eval_examples:
         raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
                          "are held out).")
-    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder, lora_rank=lora_rank),
-                  bf16=train_options.bf16)
+    text = options.read == "text"
+    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder and not text,
+                                      lora_rank=lora_rank), bf16=train_options.bf16)
+    if text:
+        model.projector.requires_grad_(False)
     examples = sft_examples(model, items, options)
     cut = len(examples) - options.eval_examples
-    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer),
+                   stage=TEXT_STAGE if text else RECIPE.stage)
     return train(model, task, replace(train_options, lr=train_options.lr or RECIPE.paper_lr))

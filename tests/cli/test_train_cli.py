@@ -41,3 +41,16 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
     result = runner.invoke(app, ["train", "policy", "--init", str(base), "--out", str(tmp_path / "p2"), *data,
                                  "--steps", "2"])
     assert isinstance(result.exception, CheckpointError)
+
+
+def test_sft_text_baseline_refuses_an_init_and_sft_needs_one(tmp_path):
+    from refrag.errors import InputError
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("")
+    result = runner.invoke(app, ["train", "sft", "--read", "text", "--init", str(tmp_path), "--data", str(rows),
+                                 "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, InputError) and "leave out --init" in str(result.exception)
+    result = runner.invoke(app, ["train", "sft", "--read", "pixels", "--data", str(rows), "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, InputError) and "--read" in str(result.exception)
+    assert not (tmp_path / "o").exists()

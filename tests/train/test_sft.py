@@ -10,6 +10,7 @@ from conftest import tiny_refrag
 
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import IGNORE_INDEX
+from refrag.prompting import PromptTemplate
 from refrag.train import qa_data
 from refrag.train.common import check_stage_order
 from refrag.train.loop import TrainOptions
@@ -98,8 +99,6 @@ def test_the_loss_is_on_the_answer_tokens_only():
     model = tiny_refrag("llama", k=4)
     options = SFTOptions(eval_examples=2)
     examples = sft_examples(model, items(4), options)
-    from refrag.prompting import PromptTemplate
-
     task = SFTTask(examples, examples, options, PromptTemplate.for_tokenizer(model.tokenizer))
     target = model.tokenizer.encode("Marie Curie", add_special_tokens=False) + [model.tokenizer.eos_token_id]
     for ex, layout in zip(examples, task.layouts(model, examples)):
@@ -115,8 +114,6 @@ def test_the_loss_is_on_the_answer_tokens_only():
 
 def test_expansion_is_applied_to_the_chosen_share_of_examples():
     model = tiny_refrag("llama", k=4)
-    from refrag.prompting import PromptTemplate
-
     options = SFTOptions(policy="first", expand_fraction=0.25, expand_share=0.5, eval_examples=2)
     task = SFTTask(sft_examples(model, items(), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
     batch = [ex for step in range(8) for ex in task.examples(step, 4)]
@@ -170,3 +167,32 @@ def test_sft_learns_resumes_exactly_and_trains_only_the_compressed_path(tmp_path
 def test_too_few_rows_for_the_held_out_split_is_an_error(tmp_path):
     with pytest.raises(InputError, match="held out"):
         train_sft(tiny_refrag(), items(4), SFTOptions(eval_examples=4), loop(tmp_path))
+
+
+def test_the_text_baseline_trains_a_text_adapter_that_merges_as_a_user_adapter(tmp_path):
+    """`--read text` (LLaMA_FT): every chunk raw, a fresh adapter that runs on text; its folder is a user adapter
+    (full mode = decoder + it) and its checkpoint never starts a compressor stage."""
+    from refrag.train.sft import TEXT_STAGE
+    from refrag.user_adapter import merge_user_adapter
+
+    options = SFTOptions(eval_examples=2, read="text")
+    model = tiny_refrag("llama", k=4)
+    plain = tiny_refrag("llama", k=4).decoder
+    projector_before = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    task = SFTTask(sft_examples(model, items(4), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    assert all(int(x.is_vector.sum()) == 0 for x in task.layouts(model, task.train_rows))  # every chunk as text
+    result = train_sft(model, items(), options, loop(tmp_path / "a"))
+    assert f'"stage": "{TEXT_STAGE}"' in (result.final_dir / "refrag.json").read_text()
+    curve = [float(v) for _, v in losses(tmp_path / "a")]
+    assert curve[-1] < curve[0]
+    for n, p in model.projector.named_parameters():  # the compressor does not train
+        assert torch.equal(p, projector_before[n]), n
+    with pytest.raises(CheckpointError):
+        check_stage_order(RECIPE, TEXT_STAGE)
+    merged, _ = merge_user_adapter(plain, str(result.final_dir / "decoder_adapter"), None)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert not torch.allclose(merged(ids).logits, tiny_refrag("llama", k=4).decoder(ids).logits)
+    with pytest.raises(InputError, match="--distill"):
+        SFTOptions(read="text", distill=0.5)
+    with pytest.raises(InputError, match="without --init"):
+        train_sft(model, items(), options, loop(tmp_path / "b"))  # it already holds an adapter

@@ -279,16 +279,16 @@ def sft_cmd(
     options = SFTOptions(target=target, distill=distill, policy=policy, expand_fraction=expand_fraction,  # type: ignore[arg-type]
                          expand_share=expand_share, eval_examples=eval_examples, train_encoder=train_encoder,
                          read=read, seed=seed)  # type: ignore[arg-type]
-    if options.read == "text" and init:
+    if options.reads_text and init:
         raise InputError("--read text fine-tunes the plain decoder (a new text adapter): leave out --init.")
     items = read_items(data)
-    model = (checkpoint.from_config(RefragConfig(dtype="float32")) if options.read == "text"
+    model = (checkpoint.from_config(RefragConfig(dtype="float32")) if options.reads_text
              else load_for_stage(RECIPE, init))
     typer.echo(f"sft: {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
     result = train_sft(model, items, options, loop)
     for key, s in sorted(result.eval.items()):
-        name = (f"{policy} {expand_fraction:.0%} raw" if key else "all compressed") if read == "compressed" \
-            else "every chunk as text"
+        name = "every chunk as text" if options.reads_text else f"{policy} {expand_fraction:.0%} raw" if key \
+            else "all compressed"
         typer.echo(f"held-out answers ({name}): log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f}")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 

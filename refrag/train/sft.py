@@ -71,6 +71,11 @@ class SFTOptions:
         if self.max_target_tokens < 1 or self.eval_examples < 1:
             raise InputError("--max-target-tokens and --eval-examples must be >= 1.")
 
+    @property
+    def reads_text(self) -> bool:
+        """The text baseline: every chunk raw, the adapter on text."""
+        return self.read == "text"
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -99,13 +104,15 @@ class SFTTask:
     val_rows: list[SFTExample]
     options: SFTOptions
     template: PromptTemplate
-    stage: str = RECIPE.stage  # TEXT_STAGE for the text baseline
+    stage: str = field(init=False)  # TEXT_STAGE for the text baseline, else RECIPE.stage
     _question_ids: dict[str, list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.stage = TEXT_STAGE if self.text else RECIPE.stage
 
     @property
     def text(self) -> bool:
-        """The text baseline: every chunk raw, the adapter on text."""
-        return self.options.read == "text"
+        return self.options.reads_text
 
     def examples(self, step: int, count: int) -> list[SFTExample]:
         n, out, orders = len(self.train_rows), [], {}
@@ -181,18 +188,16 @@ def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, 
               *, lora_rank: int = 32) -> TrainResult:
     """Mark what trains (the adapter of a cpt checkpoint trains further; the text baseline: a fresh adapter of a
     model without one, nothing of the compressor), hold out the last rows, run the loop."""
-    if options.read == "text" and model.has_adapter:
+    if options.reads_text and model.has_adapter:
         raise InputError("--read text trains a new text adapter of the plain decoder: start it without --init.")
     if len(items) <= options.eval_examples:
         raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
                          "are held out).")
-    text = options.read == "text"
-    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder and not text,
+    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder and not options.reads_text,
                                       lora_rank=lora_rank), bf16=train_options.bf16)
-    if text:
+    if options.reads_text:
         model.projector.requires_grad_(False)
     examples = sft_examples(model, items, options)
     cut = len(examples) - options.eval_examples
-    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer),
-                   stage=TEXT_STAGE if text else RECIPE.stage)
+    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer))
     return train(model, task, replace(train_options, lr=train_options.lr or RECIPE.paper_lr))

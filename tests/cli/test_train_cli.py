@@ -43,7 +43,7 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
     assert isinstance(result.exception, CheckpointError)
 
 
-def test_sft_text_baseline_refuses_an_init_and_sft_needs_one(tmp_path):
+def test_sft_refuses_an_init_with_read_text_and_an_unknown_read(tmp_path):
     from refrag.errors import InputError
 
     rows = tmp_path / "rows.jsonl"

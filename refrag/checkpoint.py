@@ -42,9 +42,16 @@ ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when t
 POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
 RESTORE = "Restore the checkpoint folder from where it came, or re-save / re-export the model."
-# The compressor trained for the embedded default decoder (SmolLM2-135M; chunk encoder: its own first 8 layers
-# + LoRA, memory-token pooling; k=16).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "smollm2-135m-self-k16"
+# The compressors trained for the embedded default decoder (SmolLM2-135M; chunk encoder: its own first 8 layers
+# + LoRA, memory-token pooling), one folder per k; k=16 is the default.
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+DEFAULT_CHECKPOINT = SHIPPED / "smollm2-135m-self-k16"
+
+
+def shipped_checkpoint(k: int) -> Path | None:
+    """The shipped compressor of the default decoder and encoder at ``k``, if one ships."""
+    path = SHIPPED / f"smollm2-135m-self-k{k}"
+    return path if (path / MANIFEST).exists() else None
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,8 @@ def load_model(
     decoder_adapter: str | None = None,
     quantize: str | None = None,
 ) -> RefragModel:
-    """A trained checkpoint when given (or the shipped default for the default models), else fresh parts.
+    """A trained checkpoint when given (or the shipped one for the default models at ``k``: ``shipped_checkpoint``),
+    else fresh parts.
 
     ``decoder_adapter``: a PEFT LoRA adapter folder (or HF id) of the decoder, merged into it: full mode runs
     base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`). ``quantize``
@@ -269,12 +277,11 @@ def load_model(
     "bfloat16" or "float32".
     """
     dtype = resolve_dtype(dtype)
-    is_default = (decoder or DEFAULT_DECODER, encoder or DEFAULT_ENCODER, k or DEFAULT_K) == (
-        DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
+    is_default = (decoder or DEFAULT_DECODER, encoder or DEFAULT_ENCODER) == (DEFAULT_DECODER, DEFAULT_ENCODER)
     if checkpoint is not None:  # the user's own: what else they asked for must agree with it
         _check_agrees(CheckpointManifest.read(checkpoint), checkpoint, k)
-    elif is_default and (DEFAULT_CHECKPOINT / MANIFEST).exists():
-        checkpoint = DEFAULT_CHECKPOINT
+    elif is_default:
+        checkpoint = shipped_checkpoint(k or DEFAULT_K)
     if checkpoint is not None:
         model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter)
         if merge:

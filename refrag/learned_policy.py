@@ -3,9 +3,12 @@ chunk, T' = round(p * L) chunks picked by pointer-masked sequential sampling (gr
 GRPO (``refrag.train.policy``).
 
 The network reads the chunk ENCODER outputs (what an index stores, so it costs one tiny forward per question),
-with the chunk's position counted from the start and from the end of the context. Like the paper's, it does not
-see the question (a query-conditioned variant needs question-answer training data: the SFT data issue). It ships inside the checkpoint folder (``policy/``: safetensors weights + a JSON config); a checkpoint with one
-answers ``--policy learned``.
+with the chunk's position counted from the start and from the end of the context. Like the paper's, the plain
+network does not see the question; the query-conditioned one (``PolicyNetConfig.query``, trained with the QA
+reward) also reads the question's encoding (same chunk encoder) as an extra token, and two features per chunk:
+its cosine with the question's encoding and its BM25 score for the question's terms (scaled by the context's
+best), the signals the ``similarity`` and ``lexical`` heuristics rank by. It ships inside the checkpoint folder
+(``policy/``: safetensors weights + a JSON config); a checkpoint with one answers ``--policy learned``.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from torch import nn
 
 from refrag.errors import CheckpointError, InputError
 from refrag.io import write_json_atomic
+from refrag.lexical import BM25
+from refrag.policy import Encode, need_question
 
 WEIGHTS, CONFIG = "policy.safetensors", "policy.json"
+QUERY_FEATURES = 2  # per chunk: cosine with the question's encoding, BM25 / the context's best BM25
 
 
 @dataclass(frozen=True)
@@ -31,14 +37,32 @@ class PolicyNetConfig:
     layers: int = 2  # the paper: a 2-layer transformer
     heads: int = 4
     max_positions: int = 512  # chunk positions with their own embedding (further ones share the last)
+    query: bool = False  # query-conditioned: the question's encoding and per-chunk query features are inputs
 
     def __post_init__(self) -> None:
         if min(self.input_dim, self.hidden, self.layers, self.heads, self.max_positions) < 1 or self.hidden % self.heads:
             raise InputError(f"bad policy network shape {self}: sizes must be >= 1 and hidden a multiple of heads.")
 
 
+@dataclass(frozen=True)
+class QueryInputs:
+    """What a query-conditioned network reads about the question, for one context of L chunks."""
+
+    encoding: torch.Tensor  # [E] the question through the chunk encoder
+    features: torch.Tensor  # [L, QUERY_FEATURES]
+
+
+def query_inputs(encode: Encode, texts: list[str], encodings: torch.Tensor, question: str | None) -> QueryInputs:
+    """The question's encoding and each chunk's (cosine, scaled BM25) for ``texts`` / ``encodings`` [L, E]."""
+    query = encode([need_question(question, "learned (query-conditioned)")])[0].float()  # [E]
+    cosine = torch.nn.functional.cosine_similarity(encodings.float(), query[None].to(encodings.device), dim=-1)  # [L]
+    bm25 = torch.tensor(BM25(texts).scores(question or ""), dtype=torch.float32, device=encodings.device)  # [L]
+    bm25 = bm25 / bm25.max() if bm25.max() > 0 else bm25
+    return QueryInputs(query, torch.stack([cosine.float(), bm25], -1))
+
+
 class PolicyNetwork(nn.Module):
-    """[B, L, E] chunk encodings -> [B, L] expansion logits."""
+    """[B, L, E] chunk encodings (+ the question's, for a query-conditioned one) -> [B, L] expansion logits."""
 
     def __init__(self, config: PolicyNetConfig) -> None:
         super().__init__()
@@ -50,20 +74,40 @@ class PolicyNetwork(nn.Module):
         layer = nn.TransformerEncoderLayer(h, config.heads, 4 * h, dropout=0.0, batch_first=True, norm_first=True)
         self.body = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.head = nn.Linear(h, 1)
+        if config.query:
+            self.query_inp = nn.Linear(config.input_dim, h)  # the question as one more token, before the chunks
+            self.features = nn.Linear(QUERY_FEATURES, h)
         for table in (self.from_start, self.from_end):  # small: position must not drown the chunk's content
             nn.init.normal_(table.weight, std=0.02)
         nn.init.zeros_(self.head.weight)  # untrained: every chunk equally likely (the RAND baseline)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, encodings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """encodings [B, L, E], mask [B, L] (True: a real chunk) -> logits [B, L] (-inf off the mask)."""
+    def forward(self, encodings: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """encodings [B, L, E], mask [B, L] (True: a real chunk); a query-conditioned network also takes the
+        question's encoding query [B, E] and features [B, L, QUERY_FEATURES] -> logits [B, L] (-inf off the mask)."""
         B, L, _ = encodings.shape
         cap = self.config.max_positions - 1
         start = torch.arange(L, device=encodings.device).clamp(max=cap).expand(B, L)  # [B, L]
         end = (mask.sum(1, keepdim=True) - 1 - torch.arange(L, device=encodings.device)).clamp(0, cap)  # [B, L]
         x = self.inp(encodings.float()) + self.from_start(start) + self.from_end(end)  # [B, L, H]
-        h = self.body(x, src_key_padding_mask=~mask)  # [B, L, H]
+        pad = ~mask
+        if self.config.query:
+            if query is None or features is None:
+                raise InputError("this learned policy is query-conditioned: it needs the question.")
+            x = torch.cat([self.query_inp(query.float())[:, None], x + self.features(features.float())], 1)  # [B, 1+L, H]
+            pad = torch.cat([pad.new_zeros(B, 1), pad], 1)  # [B, 1+L]
+        h = self.body(x, src_key_padding_mask=pad)[:, -L:]  # [B, L, H]
         return self.head(h).squeeze(-1).masked_fill(~mask, float("-inf"))  # [B, L]
+
+    def score(self, encodings: torch.Tensor, query: QueryInputs | None = None) -> torch.Tensor:
+        """One context: encodings [L, E] -> logits [L], in fp32 outside any autocast (sampling and PPO ratios
+        need the precision)."""
+        mask = torch.ones(1, encodings.shape[0], dtype=torch.bool, device=encodings.device)
+        with torch.autocast(device_type=encodings.device.type, enabled=False):
+            if query is None:
+                return self(encodings[None].float(), mask)[0]
+            return self(encodings[None].float(), mask, query.encoding[None], query.features[None])[0]
 
 
 def sample_orders(logits: torch.Tensor, count: int, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -108,16 +152,23 @@ def clipped_objective(new_log_prob: torch.Tensor, old_log_prob: torch.Tensor, ad
 
 @dataclass
 class LearnedPolicy:
-    """The trained network at the ``ExpansionPolicy`` seam: scores = its logits (greedy = top-T' of them)."""
+    """The trained network at the ``ExpansionPolicy`` seam: scores = its logits (greedy = top-T' of them).
+    ``encode``: the chunk encoder, which a query-conditioned network needs for the question."""
 
     network: PolicyNetwork
+    encode: Encode | None = None
 
     def scores(self, chunks, encodings, question) -> list[float]:
         if encodings is None:
             raise InputError("the learned policy needs the chunks' encodings.")
-        mask = torch.ones(1, len(chunks), dtype=torch.bool, device=encodings.device)
         with torch.inference_mode():
-            return self.network(encodings[None].float(), mask)[0].tolist()
+            query = None
+            if self.network.config.query:
+                if self.encode is None:
+                    raise InputError("a query-conditioned learned policy needs the chunk encoder (make_policy with "
+                                     "the model).")
+                query = query_inputs(self.encode, [c.text for c in chunks], encodings, question)
+            return self.network.score(encodings, query).tolist()
 
 
 def save_policy(network: PolicyNetwork, folder: Path) -> None:

@@ -73,7 +73,7 @@ class RandomPolicy:
         return scores
 
 
-def _need_question(question: str | None, policy: str) -> str:
+def need_question(question: str | None, policy: str) -> str:
     if not question or not question.strip():
         raise InputError(f"the {policy} policy needs the question; for plain text use first, last, random or "
                          "perplexity-desc/asc.")
@@ -89,7 +89,7 @@ class SimilarityPolicy:
     def scores(self, chunks, encodings, question) -> list[float]:
         if encodings is None:
             raise InputError("the similarity policy needs the chunks' encodings.")
-        query = self.encode([_need_question(question, "similarity")])[0]  # [E]
+        query = self.encode([need_question(question, "similarity")])[0]  # [E]
         return torch.nn.functional.cosine_similarity(
             encodings.float(), query.float().reshape(1, -1), dim=-1
         ).tolist()  # [L]
@@ -103,7 +103,7 @@ class LexicalPolicy:
     b: float = 0.75
 
     def scores(self, chunks, encodings, question) -> list[float]:
-        return BM25([c.text for c in chunks], self.k1, self.b).scores(_need_question(question, "lexical"))
+        return BM25([c.text for c in chunks], self.k1, self.b).scores(need_question(question, "lexical"))
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def make_policy(name: PolicyName, *, seed: int = 0, model: RefragModel | None = 
                              "CKPT`, or choose a heuristic --policy (lexical, similarity, ...).")
         from refrag.learned_policy import LearnedPolicy
 
-        return LearnedPolicy(model.policy_network)  # type: ignore[arg-type]
+        return LearnedPolicy(model.policy_network, model.encode_chunks)  # type: ignore[arg-type]
     if name in ("similarity", "perplexity-desc", "perplexity-asc"):
         if model is None:
             raise InputError(f"the {name} policy needs the model (its chunk encoder or decoder).")

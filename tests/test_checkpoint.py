@@ -149,21 +149,35 @@ def test_hidden_sizes_that_contradict_the_weights_are_refused(tmp_path):
         checkpoint.load(path, progress=False)
 
 
-def test_the_shipped_checkpoint_records_its_files():
-    manifest = CheckpointManifest.read(checkpoint.DEFAULT_CHECKPOINT)
+SHIPPED = sorted(checkpoint.SHIPPED.glob("*/refrag.json"))
+
+
+@pytest.mark.parametrize("manifest_path", SHIPPED, ids=[p.parent.name for p in SHIPPED])
+def test_the_shipped_checkpoint_records_its_files(manifest_path):
+    folder = manifest_path.parent
+    manifest = CheckpointManifest.read(folder)
     assert "projector.safetensors" in manifest.files and "decoder_adapter/adapter_model.safetensors" in manifest.files
-    manifest.verify(checkpoint.DEFAULT_CHECKPOINT)  # sha256 of every shipped file, as committed
+    manifest.verify(folder)  # sha256 of every shipped file, as committed
 
 
-def test_the_shipped_checkpoint_is_what_the_default_names_load():
-    """load_model() with the default decoder / encoder / k takes the shipped folder: its manifest must name them
-    (else `--encoder self` or no flag at all would silently give an untrained projector)."""
-    from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K
+@pytest.mark.parametrize("manifest_path", SHIPPED, ids=[p.parent.name for p in SHIPPED])
+def test_the_shipped_checkpoint_is_what_the_default_names_load(manifest_path):
+    """load_model() with the default decoder / encoder and a k takes the shipped folder of that k: its manifest
+    must name them (else `--encoder self` or no flag at all would silently give an untrained projector)."""
+    from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER
 
-    config = CheckpointManifest.read(checkpoint.DEFAULT_CHECKPOINT).config
-    assert (config.decoder, config.encoder, config.k) == (DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K)
+    config = CheckpointManifest.read(manifest_path.parent).config
+    assert (config.decoder, config.encoder) == (DEFAULT_DECODER, DEFAULT_ENCODER)
+    assert checkpoint.shipped_checkpoint(config.k) == manifest_path.parent
     assert config.dtype == "bfloat16"  # exported (`refrag train export`), not a training snapshot
     assert config.adapter_scope == "chunks"  # text positions run the original decoder (docs/training.md)
+
+
+def test_the_default_k_ships_and_other_ks_fall_back_to_fresh_parts():
+    from refrag.config import DEFAULT_K
+
+    assert checkpoint.shipped_checkpoint(DEFAULT_K) == checkpoint.DEFAULT_CHECKPOINT
+    assert checkpoint.shipped_checkpoint(5) is None
 
 
 def test_one_reader_for_checkpoint_and_index_manifests(tmp_path):

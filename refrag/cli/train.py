@@ -206,16 +206,26 @@ def mixed_cmd(
 @_loop_group("runs/policy", steps=200, micro_batch_size=8)
 def policy_cmd(
     init: Init,
-    task: Annotated[str, typer.Option(help="reward: perplexity (minus the continuation's log-ppl, the paper's)")] =
-        "perplexity",
+    task: Annotated[str, typer.Option(help="reward: perplexity (minus the continuation's log-ppl, the paper's; "
+                                           "trains on --data text) or qa (minus the answer's NLL in the RAG "
+                                           "prompt; trains on --qa-data rows)")] = "perplexity",
+    qa_data: Annotated[Path | None, typer.Option(help="--task qa: rows from `refrag data qa` (the last "
+                                                      "--eval-examples are held out)")] = None,
+    query: Annotated[bool | None, typer.Option(help="a query-conditioned network (it also reads the question's "
+                                                    "encoding and each chunk's cosine / BM25 for it; default: on "
+                                                    "for --task qa)", show_default=False)] = None,
+    target: Annotated[str, typer.Option(help="--task qa: the answer scored: teacher (the full-context decoder's) "
+                                             "or gold (the row's)")] = "teacher",
     expand_fraction: Annotated[float, typer.Option(help="p: the policy keeps T' = round(p L) chunks raw")] = 0.25,
-    context_chunks: Annotated[int, typer.Option(help="L: context chunks per example (s = L k)")] = 32,
+    context_chunks: Annotated[int, typer.Option(help="--task perplexity: L context chunks per example (s = L k)")]
+        = 32,
     continuation_tokens: Cont = 128,
     group: Annotated[int, typer.Option(help="G: selections sampled per example (GRPO group)")] = 4,
     reuse: Annotated[int, typer.Option(help="optimizer steps per batch of rollouts (PPO epochs)")] = 2,
     clip: Annotated[float, typer.Option(help="PPO ratio clip")] = 0.2,
     hidden: Annotated[int, typer.Option(help="width of a new policy network")] = 256,
     layers: Annotated[int, typer.Option(help="transformer layers of a new policy network (paper: 2)")] = 2,
+    eval_examples: Annotated[int, typer.Option(help="held-out examples scored at each evaluation")] = 16,
     seed: Seed = 0,
     *, data, loop,
 ) -> None:
@@ -225,21 +235,27 @@ def policy_cmd(
     from refrag.errors import InputError
     from refrag.train.common import load_for_stage
     from refrag.train.data import TokenCorpus
-    from refrag.train.policy import RECIPE, PolicyOptions, train_policy
+    from refrag.train.policy import EVAL_NAMES, RECIPE, PolicyOptions, train_policy, train_qa_policy
+    from refrag.train.qa_data import read_items
 
-    if task != "perplexity":
-        raise InputError(f"--task {task!r}: only `perplexity` exists yet (a QA reward needs training-allowed QA "
-                         "data, which `refrag data qa` will provide).")
-    options = PolicyOptions(fraction=expand_fraction, context_chunks=context_chunks,
-                            continuation_tokens=continuation_tokens, group=group, reuse=reuse, clip=clip,
-                            hidden=hidden, layers=layers, seed=seed)
+    options = PolicyOptions(task=task, query=query, fraction=expand_fraction, context_chunks=context_chunks,  # type: ignore[arg-type]
+                            continuation_tokens=continuation_tokens, target=target, group=group, reuse=reuse,  # type: ignore[arg-type]
+                            clip=clip, hidden=hidden, layers=layers, eval_examples=eval_examples, seed=seed)
+    if (qa_data is None) == (task == "qa"):
+        raise InputError("--task qa trains on --qa-data (rows from `refrag data qa`); --qa-data is only for "
+                         "--task qa.")
+    items = read_items(qa_data) if qa_data is not None else None
     model = load_for_stage(RECIPE, init)
-    corpus = TokenCorpus.build(data, model.tokenizer)
-    typer.echo(f"policy: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
-    result = train_policy(model, corpus, options, loop)
-    for n, s in sorted(result.eval.items(), reverse=True):
-        name = "learned (greedy)" if n > 0 else "random"
-        typer.echo(f"held-out continuation, {name} selection of {expand_fraction:.0%}: log-ppl {s.log_ppl:.3f}")
+    if items is not None:
+        typer.echo(f"policy (qa): {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
+        result = train_qa_policy(model, items, options, loop)
+    else:
+        corpus = TokenCorpus.build(data, model.tokenizer)
+        typer.echo(f"policy: {len(corpus.train):,} training tokens, {len(corpus.val):,} held out", err=True)
+        result = train_policy(model, corpus, options, loop)
+    scored = "answer" if items is not None else "continuation"
+    for key, s in sorted(result.eval.items(), reverse=True):
+        typer.echo(f"held-out {scored}, {EVAL_NAMES[key]} selection of {expand_fraction:.0%}: log-ppl {s.log_ppl:.3f}")
     typer.echo(f"final model: {result.final_dir}" if result.final_dir else f"stopped at step {result.steps}")
 
 

@@ -1,10 +1,12 @@
+import json
+
 from conftest import tiny_refrag
 from typer.testing import CliRunner
 
 from refrag import checkpoint
 from refrag.checkpoint import CheckpointManifest
 from refrag.cli import app
-from refrag.errors import CheckpointError
+from refrag.errors import CheckpointError, InputError
 
 runner = CliRunner()
 TINY = ["--steps", "2", "--batch-size", "2", "--micro-batch-size", "1", "--max-chunks", "2", "--eval-every", "2",
@@ -41,11 +43,23 @@ def test_the_three_stages_run_in_order_from_the_cli(tmp_path):
     result = runner.invoke(app, ["train", "policy", "--init", str(base), "--out", str(tmp_path / "p2"), *data,
                                  "--steps", "2"])
     assert isinstance(result.exception, CheckpointError)
+    # the QA reward on `refrag data qa` rows: a query-conditioned policy, scored against random and lexical
+    rows = tmp_path / "rows.jsonl"
+    passages = ["The quick brown fox jumps over the lazy dog near the river bank.", "A red kite flies high above."]
+    rows.write_text("".join(json.dumps({"question": f"what jumps over the dog {i}?", "answer": "the fox",
+                                        "passages": passages, "gold": 0}) + "\n" for i in range(6)))
+    qa = ["train", "policy", "--init", str(tmp_path / "mixed" / "final"), "--out", str(tmp_path / "pqa"),
+          "--steps", "2", "--batch-size", "2", "--no-bf16", "--group", "2", "--hidden", "16", "--layers", "1",
+          "--eval-examples", "2", "--task", "qa"]
+    result = runner.invoke(app, [*qa, "--qa-data", str(rows)])
+    assert result.exit_code == 0, result.output
+    assert "held-out answer, lexical selection of 25%" in result.output
+    assert checkpoint.load(tmp_path / "pqa" / "final", dtype="float32").policy_network.config.query
+    result = runner.invoke(app, qa)  # no rows
+    assert isinstance(result.exception, InputError) and "--qa-data" in str(result.exception)
 
 
 def test_sft_refuses_an_init_with_read_text_and_an_unknown_read(tmp_path):
-    from refrag.errors import InputError
-
     rows = tmp_path / "rows.jsonl"
     rows.write_text("")
     result = runner.invoke(app, ["train", "sft", "--read", "text", "--init", str(tmp_path), "--data", str(rows),

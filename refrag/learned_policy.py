@@ -14,6 +14,7 @@ best), the signals the ``similarity`` and ``lexical`` heuristics rank by. It shi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from refrag.chunking import Chunk
 from refrag.errors import CheckpointError, InputError
 from refrag.io import write_json_atomic
-from refrag.lexical import BM25
-from refrag.policy import Encode, need_question
+from refrag.policy import Encode, LexicalPolicy, need_question
 
 WEIGHTS, CONFIG = "policy.safetensors", "policy.json"
 QUERY_FEATURES = 2  # per chunk: cosine with the question's encoding, BM25 / the context's best BM25
@@ -52,12 +53,15 @@ class QueryInputs:
     features: torch.Tensor  # [L, QUERY_FEATURES]
 
 
-def query_inputs(encode: Encode, texts: list[str], encodings: torch.Tensor, question: str | None) -> QueryInputs:
-    """The question's encoding and each chunk's (cosine, scaled BM25) for ``texts`` / ``encodings`` [L, E]."""
+def query_inputs(encode: Encode, chunks: Sequence[Chunk], encodings: torch.Tensor, question: str | None) -> QueryInputs:
+    """The question's encoding and each chunk's (cosine, scaled BM25: the lexical policy's score) for ``chunks``
+    and their ``encodings`` [L, E]."""
     query = encode([need_question(question, "learned (query-conditioned)")])[0].float()  # [E]
     cosine = torch.nn.functional.cosine_similarity(encodings.float(), query[None].to(encodings.device), dim=-1)  # [L]
-    bm25 = torch.tensor(BM25(texts).scores(question or ""), dtype=torch.float32, device=encodings.device)  # [L]
-    bm25 = bm25 / bm25.max() if bm25.max() > 0 else bm25
+    bm25 = torch.tensor(LexicalPolicy().scores(chunks, encodings, question), dtype=torch.float32,
+                        device=encodings.device)  # [L]
+    best = bm25.max()
+    bm25 = bm25 / best if best > 0 else bm25
     return QueryInputs(query, torch.stack([cosine.float(), bm25], -1))
 
 
@@ -167,7 +171,7 @@ class LearnedPolicy:
                 if self.encode is None:
                     raise InputError("a query-conditioned learned policy needs the chunk encoder (make_policy with "
                                      "the model).")
-                query = query_inputs(self.encode, [c.text for c in chunks], encodings, question)
+                query = query_inputs(self.encode, chunks, encodings, question)
             return self.network.score(encodings, query).tolist()
 
 

@@ -167,6 +167,20 @@ class _GRPO(Generic[X]):
                 for ex, L in zip(examples, sizes)]
 
 
+def negative_nll(model: RefragModel, examples: Sequence[X], layouts: Callable[[RefragModel, Sequence[X]], list],
+                 batch_size: int = 8) -> list[float]:
+    """Minus the mean NLL of each example's labelled tokens in ``layouts`` (``batch_size`` per forward)."""
+    out: list[float] = []
+    for i in range(0, len(examples), batch_size):
+        out += [-v for v in example_nll(model, layouts(model, examples[i : i + batch_size]))]
+    return out
+
+
+def continuation_reward(model: RefragModel, examples: Sequence[Example]) -> list[float]:
+    """The paper's reward: minus the mean NLL of each example's continuation with its ``expanded`` chunks raw."""
+    return negative_nll(model, examples, example_layouts)
+
+
 @dataclass
 class PolicyTask(_GRPO[Example]):
     """The paper's task: windows of the training text, reward = minus the continuation's log-ppl."""
@@ -175,7 +189,7 @@ class PolicyTask(_GRPO[Example]):
     val_tokens: np.ndarray
     k: int
     options: PolicyOptions
-    reward: Reward = field(default_factory=lambda: continuation_reward)
+    reward: Reward = continuation_reward
     stage: str = "policy"
     _cache: dict[tuple, _Rollouts] = field(default_factory=dict)
 
@@ -226,14 +240,6 @@ class PolicyTask(_GRPO[Example]):
                 -1: score_examples(model, rand, batch_size)}
 
 
-def continuation_reward(model: RefragModel, examples: Sequence[Example], batch_size: int = 8) -> list[float]:
-    """The paper's reward: minus the mean NLL of each example's continuation with its ``expanded`` chunks raw."""
-    out: list[float] = []
-    for i in range(0, len(examples), batch_size):
-        out += [-v for v in example_nll(model, example_layouts(model, examples[i : i + batch_size]))]
-    return out
-
-
 @dataclass
 class QAPolicyTask(_GRPO[SFTExample]):
     """QA rows in the RAG prompt (the SFT stage's reader builds the inputs), reward = minus the answer's mean NLL
@@ -266,15 +272,11 @@ class QAPolicyTask(_GRPO[SFTExample]):
         out = []
         for ex in examples:
             enc = model.encode_chunks(ex.chunks).float()  # [L, E]
-            out.append((enc, query_inputs(model.encode_chunks, [c.text for c in ex.chunks], enc, ex.question)
-                        if query else None))
+            out.append((enc, query_inputs(model.encode_chunks, ex.chunks, enc, ex.question) if query else None))
         return out
 
-    def answer_reward(self, model: RefragModel, examples: Sequence[SFTExample], batch_size: int = 8) -> list[float]:
-        out: list[float] = []
-        for i in range(0, len(examples), batch_size):
-            out += [-v for v in example_nll(model, self.reader.layouts(model, examples[i : i + batch_size]))]
-        return out
+    def answer_reward(self, model: RefragModel, examples: Sequence[SFTExample]) -> list[float]:
+        return negative_nll(model, examples, self.reader.layouts)
 
     def positions(self, examples: Sequence[SFTExample]) -> int:
         k = max((len(c.token_ids) for ex in examples for c in ex.chunks), default=1)
@@ -287,9 +289,7 @@ class QAPolicyTask(_GRPO[SFTExample]):
         sets = {1: self._greedy(model, rows), -1: self._random(rows, [len(ex.chunks) for ex in rows]),
                 0: [self._select(ex, sorted(choose_expanded(ex.chunks, lexical, question=ex.question).expanded))
                     for ex in rows]}
-        return {key: score_layouts(model, [layout for i in range(0, len(chosen), batch_size)
-                                           for layout in self.reader.layouts(model, chosen[i : i + batch_size])],
-                                   batch_size)
+        return {key: score_layouts(model, self.reader.batched_layouts(model, chosen, batch_size), batch_size)
                 for key, chosen in sets.items()}
 
 
@@ -335,12 +335,12 @@ def train_policy(model: RefragModel, corpus: TokenCorpus, options: PolicyOptions
 def train_qa_policy(model: RefragModel, items: Sequence[QAItem], options: PolicyOptions,
                     train_options: TrainOptions) -> TrainResult:
     """The QA task on ``refrag data qa`` rows (the last ``eval_examples`` held out)."""
-    if len(items) <= options.eval_examples:
-        raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
-                         "are held out).")
-    prepare(model, options)
     sft = SFTOptions(target=options.target, expand_share=0.0, eval_examples=options.eval_examples, seed=options.seed)
-    examples = [ex for ex in sft_examples(model, items, sft) if len(ex.chunks) >= 2]
+    examples = [ex for ex in sft_examples(model, items, sft) if len(ex.chunks) >= 2]  # a choice needs 2 chunks
+    if len(examples) <= options.eval_examples:
+        raise InputError(f"{len(examples)} usable rows of {len(items)} (an answer and >= 2 chunks of passages): need "
+                         f"more than --eval-examples {options.eval_examples} (the last rows are held out).")
+    prepare(model, options)
     cut = len(examples) - options.eval_examples
     reader = SFTTask(examples[:cut], examples[cut:], sft, PromptTemplate.for_tokenizer(model.tokenizer))
     return train(model, QAPolicyTask(reader, options), _check_reuse(options, train_options))

@@ -140,6 +140,10 @@ class SFTTask:
         return [model.scored_layout(self.template.around(context, self._question(model, ex.question)), ex.target)
                 for ex, context in zip(examples, contexts)]
 
+    def batched_layouts(self, model: RefragModel, rows: Sequence[SFTExample], batch_size: int) -> list[Layout]:
+        """``layouts`` of many rows, ``batch_size`` rows per encoder call."""
+        return [layout for i in range(0, len(rows), batch_size) for layout in self.layouts(model, rows[i : i + batch_size])]
+
     def _question(self, model: RefragModel, question: str) -> list[int]:
         if question not in self._question_ids:
             self._question_ids[question] = self.template.question_ids(model.tokenizer, question)
@@ -163,8 +167,7 @@ class SFTTask:
         text baseline: every chunk as text (0)."""
         plain = self.val_rows
         sets = ((0, plain),) if self.text else ((0, plain), (1, [self._expanded(ex) for ex in plain]))
-        return {key: score_layouts(model, [layout for i in range(0, len(rows), batch_size)
-                                           for layout in self.layouts(model, rows[i : i + batch_size])], batch_size,
+        return {key: score_layouts(model, self.batched_layouts(model, rows, batch_size), batch_size,
                                    adapter_on_text=self.text)
                 for key, rows in sets}
 

@@ -169,3 +169,15 @@ def test_query_options_are_checked_and_a_policy_keeps_its_kind(tmp_path):
     prepare(model, PolicyOptions(hidden=16, layers=1))
     with pytest.raises(InputError, match="question-blind"):
         prepare(model, PolicyOptions(task="qa", hidden=16, layers=1))
+
+
+def test_qa_rows_without_a_choice_to_make_are_counted_out_before_training(tmp_path):
+    from refrag.train.policy import train_qa_policy
+    from refrag.train.qa_data import QAItem
+
+    model = tiny_refrag("llama", k=8)
+    one_chunk = [QAItem("where is it?", "here", "here", ("it is here",), 0, "t") for _ in range(10)]
+    with pytest.raises(InputError, match="0 usable rows of 10"):
+        train_qa_policy(model, one_chunk, PolicyOptions(task="qa", hidden=16, layers=1, eval_examples=2),
+                        TrainOptions(tmp_path / "run", steps=2, batch_size=2, bf16=False, progress=False))
+    assert not (tmp_path / "run").exists()

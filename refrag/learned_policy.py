@@ -7,7 +7,9 @@ with the chunk's position counted from the start and from the end of the context
 network does not see the question; the query-conditioned one (``PolicyNetConfig.query``, trained with the QA
 reward) also reads the question's encoding (same chunk encoder) as an extra token, and two features per chunk:
 its cosine with the question's encoding and its BM25 score for the question's terms (scaled by the context's
-best), the signals the ``similarity`` and ``lexical`` heuristics rank by. It ships inside the checkpoint folder
+best), the signals the ``similarity`` and ``lexical`` heuristics rank by; with ``lexical_prior`` w > 0 the scaled
+BM25 times a learned weight (w at first) is added to each logit, so the untrained network ranks as ``lexical``
+does and RL learns from there instead of from RAND. It ships inside the checkpoint folder
 (``policy/``: safetensors weights + a JSON config); a checkpoint with one answers ``--policy learned``.
 """
 
@@ -39,10 +41,13 @@ class PolicyNetConfig:
     heads: int = 4
     max_positions: int = 512  # chunk positions with their own embedding (further ones share the last)
     query: bool = False  # query-conditioned: the question's encoding and per-chunk query features are inputs
+    lexical_prior: float = 0.0  # query-conditioned: initial weight of the scaled BM25 feature added to each logit
 
     def __post_init__(self) -> None:
         if min(self.input_dim, self.hidden, self.layers, self.heads, self.max_positions) < 1 or self.hidden % self.heads:
             raise InputError(f"bad policy network shape {self}: sizes must be >= 1 and hidden a multiple of heads.")
+        if self.lexical_prior and not self.query:
+            raise InputError("a lexical prior needs the question's BM25 feature: only a query-conditioned policy has it.")
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,10 @@ class PolicyNetwork(nn.Module):
             self.features = nn.Linear(QUERY_FEATURES, h)
         for table in (self.from_start, self.from_end):  # small: position must not drown the chunk's content
             nn.init.normal_(table.weight, std=0.02)
-        nn.init.zeros_(self.head.weight)  # untrained: every chunk equally likely (the RAND baseline)
+        nn.init.zeros_(self.head.weight)  # untrained: every chunk equally likely (the RAND baseline) ...
         nn.init.zeros_(self.head.bias)
+        if config.lexical_prior:  # ... or, with a prior, ranked by BM25 as `lexical` (a learned scalar from there on)
+            self.prior = nn.Parameter(torch.tensor(float(config.lexical_prior)))
 
     def forward(self, encodings: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +109,10 @@ class PolicyNetwork(nn.Module):
             x = torch.cat([self.query_inp(query.float())[:, None], x + self.features(features.float())], 1)  # [B, 1+L, H]
             pad = torch.cat([pad.new_zeros(B, 1), pad], 1)  # [B, 1+L]
         h = self.body(x, src_key_padding_mask=pad)[:, -L:]  # [B, L, H]
-        return self.head(h).squeeze(-1).masked_fill(~mask, float("-inf"))  # [B, L]
+        logits = self.head(h).squeeze(-1)  # [B, L]
+        if self.config.lexical_prior:
+            logits = logits + self.prior * features[..., 1].float()  # the scaled BM25 of each chunk
+        return logits.masked_fill(~mask, float("-inf"))  # [B, L]
 
     def score(self, encodings: torch.Tensor, query: QueryInputs | None = None) -> torch.Tensor:
         """One context: encodings [L, E] -> logits [L], in fp32 outside any autocast (sampling and PPO ratios

@@ -296,6 +296,7 @@ class RefragModel(nn.Module):
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
         self.chunk_scope = ChunkScope()  # installed when config.adapter_scope == "chunks" and there is an adapter
         self.policy_network: nn.Module | None = None  # a learned expansion policy (refrag.learned_policy), if any
+        self._memo: dict[tuple[int, ...], torch.Tensor] | None = None  # see memoized_encodings
 
     @property
     def device(self) -> torch.device:
@@ -321,7 +322,26 @@ class RefragModel(nn.Module):
         items = [c if isinstance(c, Chunk) else self.as_chunk(c) for c in chunks]
         if not items:
             return torch.empty(0, self.encoder.hidden_size, dtype=self.dtype, device=self.device)
-        return self.encoder.encode(items, batch_size).to(device=self.device, dtype=self.dtype)
+        memo = self._memo if self._memo is not None and not torch.is_grad_enabled() else None
+        if memo is None:
+            return self.encoder.encode(items, batch_size).to(device=self.device, dtype=self.dtype)
+        new = list({c.token_ids: c for c in items if c.token_ids not in memo}.values())  # each unseen chunk once
+        if new:
+            memo.update(zip((c.token_ids for c in new),
+                            self.encoder.encode(new, batch_size).to(device=self.device, dtype=self.dtype)))
+        return torch.stack([memo[c.token_ids] for c in items])  # [N, E]
+
+    @contextlib.contextmanager
+    def memoized_encodings(self) -> Iterator[None]:
+        """Within the block, ``encode_chunks`` without gradients encodes each distinct chunk once and reuses its
+        output (chunks are encoded independently, so this is exact): RL rollouts read the same chunks in every
+        sampled layout. Nested blocks share the outer memo; it is dropped at the outermost exit."""
+        outer = self._memo
+        self._memo = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._memo = outer
 
     def as_chunk(self, text: str) -> Chunk:
         """A text (e.g. a question, for similarity expansion) as a chunk of decoder tokens."""

@@ -4,22 +4,7 @@
 # batched vs one at a time. Run alone on the machine.   bash scripts/measure_nq_index.sh [LIMIT]
 set -euo pipefail
 limit=${1:-100}
-mkdir -p runs
-python - <<'PY'
-import json
-rows = [json.loads(l) for l in open("../shared/data/nq_bigbench.jsonl")][:2000]
-with open("runs/nq-sub.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-seen = set()
-with open("runs/nq-passages.jsonl", "w") as f:
-    for r in rows:
-        if r["context"] not in seen:
-            seen.add(r["context"])
-            f.write(json.dumps({"text": r["context"]}) + "\n")
-with open("runs/nq-questions.jsonl", "w") as f:
-    f.writelines(json.dumps({"id": str(i), "question": r["question"]}) + "\n" for i, r in enumerate(rows[:48]))
-PY
-refrag index build runs/nq-passages.jsonl --out runs/nq-index --dtype float32 --json > runs/nq-index.json
+bash scripts/nq_index.sh
 refrag eval qa --data runs/nq-sub.jsonl --index runs/nq-index --passages 3 --limit "$limit" --modes full,refrag \
   --dtype float32 --out runs/qa-nofilter
 refrag eval qa --data runs/nq-sub.jsonl --index runs/nq-index --passages 3 --limit "$limit" --modes full,refrag \

@@ -80,6 +80,25 @@ def test_encode_chunks_keeps_order_across_length_sorted_batches(model):
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
 
 
+def test_memoized_encodings_encode_each_distinct_chunk_once_and_match_plain_encoding(model, monkeypatch):
+    chunks = [model.as_chunk(t) for t in ("alpha beta gamma", "delta", "alpha beta gamma", "epsilon zeta")]
+    with torch.no_grad():
+        plain = model.encode_chunks(chunks)
+    seen = []
+    encode = model.encoder.encode
+    monkeypatch.setattr(model.encoder, "encode", lambda items, *a: seen.append(len(items)) or encode(items, *a))
+    with torch.no_grad(), model.memoized_encodings():
+        first = model.encode_chunks(chunks)
+        again = model.encode_chunks(chunks[1:2] + [model.as_chunk("eta")])
+        with model.memoized_encodings():  # a nested block shares the memo
+            model.encode_chunks(chunks)
+    assert seen == [3, 1]  # three distinct chunks, then only the new one
+    torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again[0], plain[1], rtol=1e-4, atol=1e-4)
+    model.encode_chunks(chunks[:1])  # outside the block: no memo, the encoder runs again
+    assert seen == [3, 1, 1] and model._memo is None
+
+
 def test_loss_only_counts_labelled_positions(model):
     ids = _random_ids(model, 12, 3)
     dim = model.decoder.config.hidden_size

@@ -225,6 +225,9 @@ def policy_cmd(
     clip: Annotated[float, typer.Option(help="PPO ratio clip")] = 0.2,
     hidden: Annotated[int, typer.Option(help="width of a new policy network")] = 256,
     layers: Annotated[int, typer.Option(help="transformer layers of a new policy network (paper: 2)")] = 2,
+    lexical_prior: Annotated[float, typer.Option(help="a new query-conditioned network starts ranking chunks as "
+                                                      "--policy lexical: the BM25 feature's initial weight in "
+                                                      "each logit (0: start as random)")] = 0.0,
     eval_examples: Annotated[int, typer.Option(help="held-out examples scored at each evaluation")] = 16,
     seed: Seed = 0,
     *, data, loop,
@@ -240,7 +243,8 @@ def policy_cmd(
 
     options = PolicyOptions(task=task, query=query, fraction=expand_fraction, context_chunks=context_chunks,  # type: ignore[arg-type]
                             continuation_tokens=continuation_tokens, target=target, group=group, reuse=reuse,  # type: ignore[arg-type]
-                            clip=clip, hidden=hidden, layers=layers, eval_examples=eval_examples, seed=seed)
+                            clip=clip, hidden=hidden, layers=layers, lexical_prior=lexical_prior,
+                            eval_examples=eval_examples, seed=seed)
     if (qa_data is None) == (task == "qa"):
         raise InputError("--task qa trains on --qa-data (rows from `refrag data qa`); --qa-data is only for "
                          "--task qa.")

@@ -73,6 +73,7 @@ class PolicyOptions:
     clip: float = 0.2  # PPO ratio clip
     hidden: int = 256  # a new network's width (a policy checkpoint keeps its own)
     layers: int = 2
+    lexical_prior: float = 0.0  # a new query-conditioned network starts ranking as `lexical` (learned_policy)
     seed: int = 0
     eval_examples: int = 16
 
@@ -87,6 +88,8 @@ class PolicyOptions:
             raise InputError(f"--group must be >= 2 (advantages are relative within a group; got {self.group}).")
         if self.reuse < 1 or not 0 < self.clip < 1:
             raise InputError("--reuse must be >= 1 and --clip in (0, 1).")
+        if self.lexical_prior < 0 or (self.lexical_prior and not self.query_conditioned):
+            raise InputError("--lexical-prior must be >= 0 and needs a query-conditioned policy (--task qa).")
 
     @property
     def query_conditioned(self) -> bool:
@@ -135,7 +138,7 @@ class _GRPO(Generic[X]):
         was_training = model.training
         model.eval()  # the frozen compressor scores without dropout (the text encoder has some)
         generator = torch.Generator().manual_seed(hash(tuple(map(self._ints, examples))) & 0x7FFF_FFFF)
-        with torch.no_grad():
+        with torch.no_grad(), model.memoized_encodings():  # the G layouts of an example reuse its chunks' encodings
             inputs = self._inputs(model, examples)
             logits = [network.score(enc, query) for enc, query in inputs]  # per example [L]
             orders = [sample_orders(row, self._count(ex), o.group, generator) for row, ex in zip(logits, examples)]
@@ -305,7 +308,7 @@ def prepare(model: RefragModel, options: PolicyOptions) -> None:
     model.requires_grad_(False)
     if model.policy_network is None:
         config = PolicyNetConfig(input_dim=model.encoder.hidden_size, hidden=options.hidden, layers=options.layers,
-                                 query=options.query_conditioned)
+                                 query=options.query_conditioned, lexical_prior=options.lexical_prior)
         torch.manual_seed(options.seed)
         model.policy_network = PolicyNetwork(config).to(model.device)
     elif model.policy_network.config.query != options.query_conditioned:

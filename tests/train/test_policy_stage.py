@@ -159,6 +159,37 @@ def test_a_query_conditioned_policy_learns_the_qa_task_where_the_right_chunk_is_
         policy.scores(ex.chunks, enc, None)
 
 
+def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight_trains(tmp_path):
+    from refrag.config import CompressionOptions
+    from refrag.learned_policy import load_policy, save_policy
+    from refrag.policy import choose_expanded, make_policy
+    from refrag.train.sft import SFTOptions, sft_examples
+
+    torch.manual_seed(0)
+    model = tiny_refrag("llama", k=8)
+    options = PolicyOptions(task="qa", fraction=0.1, hidden=32, layers=1, lexical_prior=5.0)
+    prepare(model, options)
+    rows = sft_examples(model, keyword_rows(24, 3), SFTOptions(expand_share=0.0))
+    learned, lexical = make_policy("learned", model=model), CompressionOptions(mode="refrag", policy="lexical",
+                                                                             expand_fraction=0.1)
+    same = 0
+    for ex in rows:
+        enc = model.encode_chunks(ex.chunks)
+        mine = choose_expanded(ex.chunks, replace(lexical, policy="learned"), encodings=enc, question=ex.question,
+                               policy=learned).expanded
+        same += set(mine) == set(choose_expanded(ex.chunks, lexical, question=ex.question).expanded)
+    assert same == len(rows)  # untrained, it picks what BM25 picks
+    network = model.policy_network
+    assert any(name == "prior" for name, p in network.named_parameters() if p.requires_grad)
+    save_policy(network, tmp_path / "policy")
+    loaded = load_policy(tmp_path / "policy")
+    assert loaded.config.lexical_prior == 5.0 and float(loaded.prior) == float(network.prior.detach())
+    with pytest.raises(InputError, match="query-conditioned"):
+        PolicyOptions(task="perplexity", lexical_prior=1.0)
+    with pytest.raises(InputError, match="lexical-prior"):
+        PolicyOptions(task="qa", lexical_prior=-1.0)
+
+
 def test_query_options_are_checked_and_a_policy_keeps_its_kind(tmp_path):
     with pytest.raises(InputError, match="--task qa"):
         PolicyOptions(task="perplexity", query=True)

@@ -190,7 +190,10 @@ def save_policy(network: PolicyNetwork, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in network.state_dict().items()},
               str(folder / WEIGHTS))
-    write_json_atomic(folder / CONFIG, asdict(network.config))
+    config = asdict(network.config)
+    if not config["lexical_prior"]:  # the field's default: files stay readable by versions without it
+        del config["lexical_prior"]
+    write_json_atomic(folder / CONFIG, config)
 
 
 def load_policy(folder: Path) -> PolicyNetwork:

@@ -296,7 +296,7 @@ class RefragModel(nn.Module):
         self.merged_decoder: PreTrainedModel | None = None  # see merge_adapter
         self.chunk_scope = ChunkScope()  # installed when config.adapter_scope == "chunks" and there is an adapter
         self.policy_network: nn.Module | None = None  # a learned expansion policy (refrag.learned_policy), if any
-        self._memo: dict[tuple[int, ...], torch.Tensor] | None = None  # see memoized_encodings
+        self._memo: dict[Chunk, torch.Tensor] | None = None  # see memoized_encodings
 
     @property
     def device(self) -> torch.device:
@@ -325,11 +325,10 @@ class RefragModel(nn.Module):
         memo = self._memo if self._memo is not None and not torch.is_grad_enabled() else None
         if memo is None:
             return self.encoder.encode(items, batch_size).to(device=self.device, dtype=self.dtype)
-        new = list({c.token_ids: c for c in items if c.token_ids not in memo}.values())  # each unseen chunk once
+        new = list(dict.fromkeys(c for c in items if c not in memo))  # each unseen chunk (tokens and text) once
         if new:
-            memo.update(zip((c.token_ids for c in new),
-                            self.encoder.encode(new, batch_size).to(device=self.device, dtype=self.dtype)))
-        return torch.stack([memo[c.token_ids] for c in items])  # [N, E]
+            memo.update(zip(new, self.encoder.encode(new, batch_size).to(device=self.device, dtype=self.dtype)))
+        return torch.stack([memo[c] for c in items])  # [N, E]
 
     @contextlib.contextmanager
     def memoized_encodings(self) -> Iterator[None]:

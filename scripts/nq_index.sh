@@ -4,7 +4,7 @@
 # questions for `ask --questions`), runs/nq-index. Kept when already built.   bash scripts/nq_index.sh
 set -euo pipefail
 mkdir -p runs
-[ -d runs/nq-index ] && exit 0
+[ -d runs/nq-index ] && [ -f runs/nq-sub.jsonl ] && [ -f runs/nq-questions.jsonl ] && exit 0
 python - <<'PY'
 import json
 rows = [json.loads(l) for l in open("../shared/data/nq_bigbench.jsonl")][:2000]
@@ -19,4 +19,4 @@ with open("runs/nq-passages.jsonl", "w") as f:
 with open("runs/nq-questions.jsonl", "w") as f:
     f.writelines(json.dumps({"id": str(i), "question": r["question"]}) + "\n" for i, r in enumerate(rows[:48]))
 PY
-refrag index build runs/nq-passages.jsonl --out runs/nq-index --json > runs/nq-index.json
+refrag index build runs/nq-passages.jsonl --out runs/nq-index --dtype float32 --json > runs/nq-index.json

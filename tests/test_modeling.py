@@ -92,11 +92,13 @@ def test_memoized_encodings_encode_each_distinct_chunk_once_and_match_plain_enco
         again = model.encode_chunks(chunks[1:2] + [model.as_chunk("eta")])
         with model.memoized_encodings():  # a nested block shares the memo
             model.encode_chunks(chunks)
-    assert seen == [3, 1]  # three distinct chunks, then only the new one
+        with torch.enable_grad():
+            model.encode_chunks(chunks[:1])  # with gradients the memo is bypassed: the encoder runs
+    assert seen == [3, 1, 1]  # three distinct chunks, then only the new one, then the bypass
     torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again[0], plain[1], rtol=1e-4, atol=1e-4)
     model.encode_chunks(chunks[:1])  # outside the block: no memo, the encoder runs again
-    assert seen == [3, 1, 1] and model._memo is None
+    assert seen == [3, 1, 1, 1] and model._memo is None
 
 
 def test_loss_only_counts_labelled_positions(model):

@@ -315,6 +315,9 @@ def prepare(model: RefragModel, options: PolicyOptions) -> None:
         has = "query-conditioned" if model.policy_network.config.query else "question-blind"
         raise InputError(f"the --init checkpoint's policy is {has}: train it with the settings it was made with "
                          "(--query / --no-query, --task), or start from a checkpoint without a policy.")
+    elif options.lexical_prior and model.policy_network.config.lexical_prior != options.lexical_prior:
+        raise InputError("--lexical-prior sets where a NEW network starts; the --init checkpoint already has a "
+                         "policy: drop the option, or start from a checkpoint without a policy.")
     model.policy_network.requires_grad_(True)
 
 

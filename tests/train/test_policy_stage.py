@@ -180,7 +180,13 @@ def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight
         same += set(mine) == set(choose_expanded(ex.chunks, lexical, question=ex.question).expanded)
     assert same == len(rows)  # untrained, it picks what BM25 picks
     network = model.policy_network
-    assert any(name == "prior" for name, p in network.named_parameters() if p.requires_grad)
+    ex = next(ex for ex in rows if any(ex.question.split()[-1][:-1] in c.text for c in ex.chunks))
+    from refrag.learned_policy import query_inputs
+
+    enc = model.encode_chunks(ex.chunks).float()
+    logits = network.score(enc, query_inputs(model.encode_chunks, ex.chunks, enc, ex.question))
+    logits.max().backward()
+    assert network.prior.requires_grad and float(network.prior.grad) > 0  # the prior's weight learns
     save_policy(network, tmp_path / "policy")
     loaded = load_policy(tmp_path / "policy")
     assert loaded.config.lexical_prior == 5.0 and float(loaded.prior) == float(network.prior.detach())
@@ -188,6 +194,8 @@ def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight
         PolicyOptions(task="perplexity", lexical_prior=1.0)
     with pytest.raises(InputError, match="lexical-prior"):
         PolicyOptions(task="qa", lexical_prior=-1.0)
+    with pytest.raises(InputError, match="already has a policy"):  # --init with a policy: the option is refused
+        prepare(model, replace(options, lexical_prior=2.0))
 
 
 def test_query_options_are_checked_and_a_policy_keeps_its_kind(tmp_path):

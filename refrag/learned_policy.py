@@ -31,6 +31,7 @@ from refrag.policy import Encode, LexicalPolicy, need_question
 
 WEIGHTS, CONFIG = "policy.safetensors", "policy.json"
 QUERY_FEATURES = 2  # per chunk: cosine with the question's encoding, BM25 / the context's best BM25
+BM25_FEATURE = 1  # its index among them (query_inputs stacks them in that order)
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def query_inputs(encode: Encode, chunks: Sequence[Chunk], encodings: torch.Tenso
                         device=encodings.device)  # [L]
     best = bm25.max()
     bm25 = bm25 / best if best > 0 else bm25
-    return QueryInputs(query, torch.stack([cosine.float(), bm25], -1))
+    return QueryInputs(query, torch.stack([cosine.float(), bm25], -1))  # [L, QUERY_FEATURES]: BM25 at BM25_FEATURE
 
 
 class PolicyNetwork(nn.Module):
@@ -111,7 +112,7 @@ class PolicyNetwork(nn.Module):
         h = self.body(x, src_key_padding_mask=pad)[:, -L:]  # [B, L, H]
         logits = self.head(h).squeeze(-1)  # [B, L]
         if self.config.lexical_prior:
-            logits = logits + self.prior * features[..., 1].float()  # the scaled BM25 of each chunk
+            logits = logits + self.prior * features[..., BM25_FEATURE].float()  # the scaled BM25 of each chunk
         return logits.masked_fill(~mask, float("-inf"))  # [B, L]
 
     def score(self, encodings: torch.Tensor, query: QueryInputs | None = None) -> torch.Tensor:

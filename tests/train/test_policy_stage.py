@@ -159,9 +159,9 @@ def test_a_query_conditioned_policy_learns_the_qa_task_where_the_right_chunk_is_
         policy.scores(ex.chunks, enc, None)
 
 
-def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight_trains(tmp_path):
+def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight_gets_gradients(tmp_path):
     from refrag.config import CompressionOptions
-    from refrag.learned_policy import load_policy, save_policy
+    from refrag.learned_policy import load_policy, query_inputs, save_policy
     from refrag.policy import choose_expanded, make_policy
     from refrag.train.sft import SFTOptions, sft_examples
 
@@ -181,12 +181,10 @@ def test_a_lexical_prior_starts_the_network_as_the_lexical_policy_and_its_weight
     assert same == len(rows)  # untrained, it picks what BM25 picks
     network = model.policy_network
     ex = next(ex for ex in rows if any(ex.question.split()[-1][:-1] in c.text for c in ex.chunks))
-    from refrag.learned_policy import query_inputs
-
     enc = model.encode_chunks(ex.chunks).float()
     logits = network.score(enc, query_inputs(model.encode_chunks, ex.chunks, enc, ex.question))
     logits.max().backward()
-    assert network.prior.requires_grad and float(network.prior.grad) > 0  # the prior's weight learns
+    assert network.prior.requires_grad and float(network.prior.grad) > 0  # the prior's weight can learn
     save_policy(network, tmp_path / "policy")
     loaded = load_policy(tmp_path / "policy")
     assert loaded.config.lexical_prior == 5.0 and float(loaded.prior) == float(network.prior.detach())

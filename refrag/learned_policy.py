@@ -3,7 +3,9 @@ chunk, T' = round(p * L) chunks picked by pointer-masked sequential sampling (gr
 GRPO (``refrag.train.policy``).
 
 The network reads the chunk ENCODER outputs (what an index stores, so it costs one tiny forward per question),
-with the chunk's position counted from the start and from the end of the context. Like the paper's, the plain
+scaled to unit length, with the chunk's position counted from the start and from the end of the context. (The
+unit scale matters: the self-encoder's outputs have norms ~40, and unscaled they drowned the position embeddings
+~45 to 1, so GRPO could not learn that the chunks nearest the continuation matter; MiniLM's are unit-norm already.) Like the paper's, the plain
 network does not see the question; the query-conditioned one (``PolicyNetConfig.query``, trained with the QA
 reward) also reads the question's encoding (same chunk encoder) as an extra token, and two features per chunk:
 its cosine with the question's encoding and its BM25 score for the question's terms (scaled by the context's
@@ -43,6 +45,7 @@ class PolicyNetConfig:
     max_positions: int = 512  # chunk positions with their own embedding (further ones share the last)
     query: bool = False  # query-conditioned: the question's encoding and per-chunk query features are inputs
     lexical_prior: float = 0.0  # query-conditioned: initial weight of the scaled BM25 feature added to each logit
+    unit_inputs: bool = True  # encodings scaled to unit length (files written before this field: False)
 
     def __post_init__(self) -> None:
         if min(self.input_dim, self.hidden, self.layers, self.heads, self.max_positions) < 1 or self.hidden % self.heads:
@@ -102,18 +105,23 @@ class PolicyNetwork(nn.Module):
         cap = self.config.max_positions - 1
         start = torch.arange(L, device=encodings.device).clamp(max=cap).expand(B, L)  # [B, L]
         end = (mask.sum(1, keepdim=True) - 1 - torch.arange(L, device=encodings.device)).clamp(0, cap)  # [B, L]
-        x = self.inp(encodings.float()) + self.from_start(start) + self.from_end(end)  # [B, L, H]
+        x = self.inp(self._scaled(encodings)) + self.from_start(start) + self.from_end(end)  # [B, L, H]
         pad = ~mask
         if self.config.query:
             if query is None or features is None:
                 raise InputError("this learned policy is query-conditioned: it needs the question.")
-            x = torch.cat([self.query_inp(query.float())[:, None], x + self.features(features.float())], 1)  # [B, 1+L, H]
+            x = torch.cat([self.query_inp(self._scaled(query))[:, None], x + self.features(features.float())], 1)  # [B, 1+L, H]
             pad = torch.cat([pad.new_zeros(B, 1), pad], 1)  # [B, 1+L]
         h = self.body(x, src_key_padding_mask=pad)[:, -L:]  # [B, L, H]
         logits = self.head(h).squeeze(-1)  # [B, L]
         if self.config.lexical_prior:
             logits = logits + self.prior * features[..., BM25_FEATURE].float()  # the scaled BM25 of each chunk
         return logits.masked_fill(~mask, float("-inf"))  # [B, L]
+
+    def _scaled(self, encodings: torch.Tensor) -> torch.Tensor:
+        """[..., E] -> fp32, unit length along E when ``unit_inputs``."""
+        x = encodings.float()
+        return nn.functional.normalize(x, dim=-1) if self.config.unit_inputs else x
 
     def score(self, encodings: torch.Tensor, query: QueryInputs | None = None) -> torch.Tensor:
         """One context: encodings [L, E] -> logits [L], in fp32 outside any autocast (sampling and PPO ratios
@@ -200,7 +208,8 @@ def save_policy(network: PolicyNetwork, folder: Path) -> None:
 def load_policy(folder: Path) -> PolicyNetwork:
     """The network saved by :func:`save_policy`; a damaged or mismatched file is a CheckpointError."""
     try:
-        network = PolicyNetwork(PolicyNetConfig(**json.loads((folder / CONFIG).read_text(encoding="utf-8"))))
+        config = {"unit_inputs": False, **json.loads((folder / CONFIG).read_text(encoding="utf-8"))}  # older files
+        network = PolicyNetwork(PolicyNetConfig(**config))
         network.load_state_dict(load_file(str(folder / WEIGHTS)))
     except Exception as e:  # missing files, bad JSON, wrong shapes; safetensors raises its own error types
         raise CheckpointError(f"{folder}: the learned policy is missing or damaged ({e}); retrain it with "

@@ -107,3 +107,23 @@ def test_the_policy_ships_inside_the_checkpoint(tmp_path):
     (path / "refrag.json").write_text(json.dumps({**manifest, "files": {}}))  # as written before files were recorded
     with pytest.raises(CheckpointError, match="learned policy"):
         checkpoint.load(path, dtype="float32")
+
+
+def test_the_network_reads_unit_scaled_encodings_and_older_files_keep_raw_ones(tmp_path):
+    # the self-encoder's outputs have norms ~40: unscaled, they drowned the position embeddings (GRPO learned
+    # no recency); scaled to unit length, the encoder's scale no longer matters
+    from refrag.learned_policy import load_policy, save_policy
+
+    network = PolicyNetwork(PolicyNetConfig(input_dim=8, hidden=16))
+    torch.nn.init.normal_(network.head.weight)
+    enc, mask = torch.randn(1, 5, 8), torch.ones(1, 5, dtype=torch.bool)
+    torch.testing.assert_close(network(40 * enc, mask), network(enc, mask))
+    save_policy(network, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "policy.json").read_text())["unit_inputs"] is True
+    torch.testing.assert_close(load_policy(tmp_path / "new")(40 * enc, mask), network(enc, mask))
+    config = json.loads((tmp_path / "new" / "policy.json").read_text())
+    del config["unit_inputs"]  # as written before the field existed: those networks were trained on raw encodings
+    (tmp_path / "new" / "policy.json").write_text(json.dumps(config))
+    old = load_policy(tmp_path / "new")
+    assert old.config.unit_inputs is False
+    assert not torch.allclose(old(40 * enc, mask), old(enc, mask))

@@ -31,19 +31,24 @@ def qa_cmd(
     keep: Annotated[str, typer.Option(help="grounded: rows whose full-context answer contains the span or is "
                                            "grounded in the passage; all: every answered question (flags kept)")] =
         "grounded",
+    questions: Annotated[str, typer.Option(
+        help="written: the decoder writes each question and answers it from the passages; cloze: the sentence "
+             "holding the answer, the answer blanked (no model runs; thousands of rows per minute)")] = "written",
     seed: Annotated[int, typer.Option(help="seed: passage order, answer spans, gold position")] = 0,
     *, choice: ModelChoice,
 ) -> None:
     """Question / passages / answer rows from a corpus that may be trained on: the decoder writes a question for a
-    name or year of a passage, BM25 picks distractors, and a row is kept when the full-context decoder's answer
-    contains that answer (its answer is the distillation target)."""
+    name or year of a passage (or blanks it out of its sentence: `--questions cloze`), BM25 picks distractors, and
+    a row is kept when the full-context decoder's answer contains that answer (its answer is the distillation
+    target)."""
     setup_torch()
     from refrag.train.qa_data import QADataOptions, build_qa_set
 
     if exclude is None:
         exclude = [f for f in EVALUATION_FILES if Path(f).is_file()]
-    options = QADataOptions(examples=examples, passages=passages, batch_size=batch_size, keep=keep, seed=seed)  # type: ignore[arg-type]
-    model = choice.load(merge=False)
+    options = QADataOptions(examples=examples, passages=passages, batch_size=batch_size, keep=keep,  # type: ignore[arg-type]
+                            questions=questions, seed=seed)
+    model = None if options.questions == "cloze" else choice.load(merge=False)
     items = build_qa_set(model, source, out, options, exclude=exclude)
     verified, grounded = sum(it.verified for it in items), sum(it.grounded for it in items)
     typer.echo(f"wrote {len(items)} rows to {out}: {verified} verified, {grounded} grounded (questions excluded "

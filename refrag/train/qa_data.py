@@ -2,7 +2,10 @@
 
 For each sampled passage of the corpus (seeded order):
 1. an answer span is picked from the passage (a capitalised name or a year, seeded);
-2. the decoder writes a question for that answer (few-shot prompt, greedy, original decoder);
+2. the decoder writes a question for that answer (few-shot prompt, greedy, original decoder); or, with
+   ``questions="cloze"``, the question is the passage's sentence that holds the span, the span blanked out
+   ("Fill in the blank: ..."): no model runs, and the answer is in the passage by construction (step 4 is
+   skipped: the span is both answers, as in cloze-QA pre-training, Lewis et al. 2019);
 3. distractors: the corpus passages BM25 ranks highest for the question that do not contain the answer;
 4. the full-context decoder answers the question from the gold passage among the distractors, with the same
    prompt ``refrag eval qa`` uses. The row is kept when that answer contains the span (``verified``), or when
@@ -52,6 +55,9 @@ Question: when was pride and prejudice published?
 """
 # A capitalised name not at a sentence start (after a lower-case word or a comma), or a year.
 Keep = Literal["grounded", "all"]
+Questions = Literal["written", "cloze"]
+BLANK = "___"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _SPAN = re.compile(r"(?<=[a-z,] )([A-Z][\w'-]+(?: (?:of |the |de |von )?[A-Z][\w'-]+)*)|\b(1[0-9]{3}|20[0-2][0-9])\b")
 
 
@@ -64,6 +70,7 @@ class QADataOptions:
     batch_size: int = 16  # questions written / answered per generate call
     attempts: int = 4  # give up after examples * attempts candidate passages
     keep: Keep = "grounded"  # grounded: verified or grounded answers only; all: every answered question
+    questions: Questions = "written"  # written by the decoder, or cloze (the span's sentence, blanked)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +79,7 @@ class QADataOptions:
         if not 0 < self.min_words <= self.max_words:
             raise InputError("need 0 < --min-words <= --max-words.")
         check_choice(self.keep, Keep, "--keep")
+        check_choice(self.questions, Questions, "--questions")
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,18 @@ def clean_question(text: str, answer: str) -> str | None:
     return q
 
 
+def cloze_question(passage: str, span: str) -> str | None:
+    """The passage's first sentence that holds ``span``, with the span blanked; None when that sentence is too
+    short or long, or still gives the answer away."""
+    for sentence in _SENTENCE_END.split(passage):
+        if span in sentence:
+            blanked = sentence.replace(span, BLANK, 1)
+            if 6 <= len(blanked.split()) <= 40 and normalize_answer(span) not in normalize_answer(blanked):
+                return f"Fill in the blank: {blanked}"
+            return None
+    return None
+
+
 def grounded(answer: str, question: str, passage: str) -> bool:
     """The answer adds content words to the question's, and at least two thirds of those are in the passage."""
     new = set(terms(answer)) - set(terms(question))
@@ -188,7 +208,7 @@ def _candidates(passages: list[tuple[str, str]], options: QADataOptions) -> Iter
 
 
 def build_qa_set(
-    model: RefragModel,
+    model: RefragModel | None,
     sources: Sequence[str | Path],
     out: str | Path,
     options: QADataOptions = QADataOptions(),
@@ -197,7 +217,11 @@ def build_qa_set(
     progress: bool = True,
 ) -> list[QAItem]:
     """Write ``options.examples`` answerable, grounded rows to ``out`` (JSONL, rewritten atomically after every
-    batch, so an interrupted run leaves the rows kept so far). Returns the rows."""
+    batch, so an interrupted run leaves the rows kept so far). Returns the rows. ``model`` writes and answers the
+    questions; cloze questions need none."""
+    cloze = options.questions == "cloze"
+    if model is None and not cloze:
+        raise InputError("written questions need a model (the decoder writes and answers them).")
     passages = corpus_passages(sources, options)
     bm25 = BM25([p for _, p in passages])
     banned = excluded_questions(exclude)
@@ -207,15 +231,17 @@ def build_qa_set(
     bar = tqdm(total=options.examples, desc="qa data", unit="row", disable=not progress)
     for start in range(0, len(candidates), options.batch_size):
         batch = candidates[start : start + options.batch_size]
-        written = write_questions(model, [(passages[i][1], span) for i, span in batch])
+        questions = ([cloze_question(passages[i][1], span) for i, span in batch] if cloze else
+                     [clean_question(text, span) for (_, span), text in
+                      zip(batch, write_questions(model, [(passages[i][1], span) for i, span in batch]))])
         rows = []
-        for (i, span), text in zip(batch, written):
-            q = clean_question(text, span)
+        for (i, span), q in zip(batch, questions):
             if q is None or (key := normalize_answer(q)) in banned or key in seen:
                 continue
             seen.add(key)
             rows.append(_with_distractors(q, span, i, passages, bm25, options, len(kept) + len(rows)))
-        for item, answer in zip(rows, _teacher_answers(model, rows)):
+        answers = [it.answer for it in rows] if cloze else _teacher_answers(model, rows)
+        for item, answer in zip(rows, answers):
             answer, verified = answer.strip(), bool(contains_answer(answer, [item.answer]))
             is_grounded = verified or grounded(answer, item.question, item.context)
             if answer and (is_grounded or options.keep == "all") and len(kept) < options.examples:

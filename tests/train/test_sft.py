@@ -14,7 +14,16 @@ from refrag.prompting import PromptTemplate
 from refrag.train import qa_data
 from refrag.train.common import check_stage_order
 from refrag.train.loop import TrainOptions
-from refrag.train.qa_data import QADataOptions, QAItem, build_qa_set, clean_question, grounded, read_items
+from refrag.train.qa_data import (
+    BLANK,
+    QADataOptions,
+    QAItem,
+    build_qa_set,
+    clean_question,
+    cloze_question,
+    grounded,
+    read_items,
+)
 from refrag.train.sft import RECIPE, SFTOptions, SFTTask, sft_examples, train_sft
 
 PASSAGES = [
@@ -77,6 +86,33 @@ def test_builder_keeps_only_answerable_rows_and_never_an_excluded_question(tmp_p
     assert all(it.grounded for it in items) == (keep == "grounded")
     if keep == "grounded":
         assert all(it.verified for it in items)  # "zzz qqq" is grounded in no passage
+
+
+def test_a_cloze_question_blanks_the_span_in_its_own_sentence():
+    passage = "Lisbon faces the Atlantic. It was rebuilt by the Marquis of Pombal after the earthquake of 1755."
+    assert cloze_question(passage, "Pombal") == (f"Fill in the blank: It was rebuilt by the Marquis of {BLANK} after the "
+                                                 "earthquake of 1755.")
+    assert cloze_question(passage, "Atlantic") is None  # its sentence is too short to ask anything
+    assert cloze_question("Pombal met Pombal in the city of Lisbon in the year 1755.", "Pombal") is None  # gives it away
+    assert cloze_question(passage, "Madrid") is None
+
+
+def test_the_cloze_builder_needs_no_model_and_answers_from_the_passage(tmp_path, corpus):
+    exclude = tmp_path / "eval.jsonl"
+    options = QADataOptions(examples=50, passages=3, min_words=10, attempts=1, questions="cloze", seed=0)
+    first = build_qa_set(None, [corpus], tmp_path / "all.jsonl", options, progress=False)
+    exclude.write_text(json.dumps({"question": first[0].question.lower()}) + "\n")
+    out = tmp_path / "qa.jsonl"
+    items = build_qa_set(None, [corpus], out, options, exclude=[exclude], progress=False)
+    assert items and read_items(out) == items and len(items) == len(first) - 1
+    assert first[0].question not in {it.question for it in items}
+    for it in items:
+        assert it.answer == it.teacher and it.verified and it.grounded
+        assert BLANK in it.question and it.answer not in it.question
+        assert it.question.removeprefix("Fill in the blank: ").replace(BLANK, it.answer) in it.context
+        assert len(set(it.passages)) == 3
+    with pytest.raises(InputError, match="need a model"):
+        build_qa_set(None, [corpus], out, QADataOptions(examples=5, min_words=10), progress=False)
 
 
 def test_a_file_that_is_not_qa_rows_is_refused(tmp_path):

@@ -283,6 +283,11 @@ def sft_cmd(
                                            "a new adapter of the plain decoder on the same rows, every chunk as "
                                            "text (evaluate it with `eval qa --modes full --decoder-adapter "
                                            "OUT/final/decoder_adapter`)")] = "compressed",
+    replay: Annotated[float, typer.Option(help="share of each batch that is next-paragraph windows of --replay-data "
+                                               "(CPT's objective, 16 chunks -> 64 tokens), so answering does not undo "
+                                               "what CPT taught; 0: none")] = 0.0,
+    replay_data: Annotated[list[str], typer.Option(help="training text of the replay windows (as `train cpt "
+                                                        "--data`)")] = [TRAINING_DATA],  # noqa: B006
     train_encoder: TrainEncoder = True, seed: Seed = 0,
     *, loop,
 ) -> None:
@@ -293,20 +298,25 @@ def sft_cmd(
     from refrag.config import RefragConfig
     from refrag.errors import InputError
     from refrag.train.common import load_for_stage
+    from refrag.train.data import DataOptions, TokenCorpus, read_sources
     from refrag.train.qa_data import read_items
     from refrag.train.sft import RECIPE, SFTOptions, train_sft
 
     options = SFTOptions(target=target, distill=distill, policy=policy, expand_fraction=expand_fraction,  # type: ignore[arg-type]
                          expand_share=expand_share, eval_examples=eval_examples, train_encoder=train_encoder,
-                         read=read, seed=seed)  # type: ignore[arg-type]
+                         read=read, replay=replay, seed=seed)  # type: ignore[arg-type]
     if options.reads_text and init:
         raise InputError("--read text fine-tunes the plain decoder (a new text adapter): leave out --init.")
     items = read_items(data)
     model = (checkpoint.from_config(RefragConfig(dtype="float32")) if options.reads_text
              else load_for_stage(RECIPE, init))
     typer.echo(f"sft: {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
-    result = train_sft(model, items, options, loop)
+    corpus = TokenCorpus.build(DataOptions(read_sources(replay_data)), model.tokenizer) if options.replay else None
+    result = train_sft(model, items, options, loop, replay_corpus=corpus)
     for key, s in sorted(result.eval.items()):
+        if key == options.replay_chunks and options.replay:
+            typer.echo(f"held-out text continuations ({key} chunks compressed): log-ppl {s.log_ppl:.3f}")
+            continue
         name = "every chunk as text" if options.reads_text else f"{policy} {expand_fraction:.0%} raw" if key \
             else "all compressed"
         typer.echo(f"held-out answers ({name}): log-ppl {s.log_ppl:.3f}, token accuracy {s.accuracy:.3f}")

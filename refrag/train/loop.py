@@ -107,6 +107,12 @@ def evaluate(model: RefragModel, task: Task, batch_size: int, bf16: bool) -> dic
     return scores
 
 
+def eval_metrics(scores: dict[int, Score]) -> dict[str, float]:
+    """Held-out scores as logged metrics: ``eval/log_ppl_{n}xk`` and ``eval/acc_{n}xk`` per key n."""
+    return {f"eval/{name}_{n}xk": value for n, s in scores.items()
+            for name, value in (("log_ppl", s.log_ppl), ("acc", s.accuracy))}
+
+
 def _autocast(bf16: bool):
     return torch.autocast(device_type="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16) \
         if bf16 else contextlib.nullcontext()
@@ -194,6 +200,10 @@ def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
     model.train()
     loss_value, scores = float("nan"), {}
     started = time.perf_counter()
+    if step == 0 and options.eval_every:  # the starting point, so every curve shows what training changed
+        start = eval_metrics(evaluate(model, task, options.micro_batch_size, options.bf16))
+        for lg in loggers:
+            lg.log_dict(start, 0)
     with _stop_requests() as requested:
         while step < last:
             t0 = time.perf_counter()
@@ -214,9 +224,7 @@ def train(model: RefragModel, task: Task, options: TrainOptions) -> TrainResult:
                        "train/elapsed_s": time.perf_counter() - started}  # wall time of this run (not of resumed ones)
             if options.eval_every and step % options.eval_every == 0 or step == options.steps:
                 scores = evaluate(model, task, options.micro_batch_size, options.bf16)
-                for n, s in scores.items():
-                    metrics[f"eval/log_ppl_{n}xk"] = s.log_ppl
-                    metrics[f"eval/acc_{n}xk"] = s.accuracy
+                metrics |= eval_metrics(scores)
             for lg in loggers:
                 lg.log_dict(metrics, step)
             bar.set_postfix(loss=f"{loss_value:.3f}", pos_s=f"{metrics['train/positions_per_s']:.0f}")

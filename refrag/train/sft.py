@@ -10,6 +10,10 @@
   sequence-level distillation as PISCO, default) or the row's ``answer`` (``"gold"``); ``distill`` > 0 mixes in
   the token-level KL to the original decoder reading every chunk as text, on the same target (as CPT's).
 - Examples: a seeded permutation of the training rows per epoch (a pure function of the step: exact resume).
+- Replay (``replay`` > 0): that share of every batch is next-paragraph windows of training text (CPT's objective:
+  ``replay_chunks`` compressed chunks, then ``replay_tokens`` to predict), so answering short questions cannot
+  retune the vectors away from carrying the text (SFT alone made the perplexity protocol collapse twice:
+  docs/training.md). Their held-out windows are scored too (key ``replay_chunks``), so a collapse shows in the log.
 - Held out: the last ``eval_examples`` rows of the file, never trained on: the target's log-ppl and token
   accuracy with every chunk compressed (key 0) and with the policy's expansion (key 1).
 - ``read="text"``: the fair baseline (the paper's LLaMA_FT): the same rows and loss, every chunk read as text, a
@@ -33,8 +37,9 @@ from refrag.modeling import Layout, RefragModel, mean_nll
 from refrag.policy import choose_expanded
 from refrag.prompting import PromptTemplate
 from refrag.train.common import Recipe, StageOptions, set_trainable
+from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult, train
-from refrag.train.objectives import Score, kl_to_teacher, score_layouts
+from refrag.train.objectives import Example, Score, StageTask, kl_to_teacher, score_layouts, training_loss
 from refrag.train.qa_data import QAItem
 
 RECIPE = Recipe(stage="sft", after=("cpt", "mixed", "sft"), paper_lr=2e-5)
@@ -55,6 +60,9 @@ class SFTOptions:
     eval_examples: int = 32
     train_encoder: bool = True
     read: Read = "compressed"  # text: the full-context fine-tuning baseline (module docstring)
+    replay: float = 0.0  # share of each batch that is next-paragraph windows of training text (module docstring)
+    replay_chunks: int = 16  # compressed context chunks of a replay window
+    replay_tokens: int = 64  # continuation tokens it predicts
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +76,12 @@ class SFTOptions:
         check_fraction(self.expand_fraction, "--expand-fraction", below_one=True)
         if not 0.0 <= self.expand_share <= 1.0 or not 0.0 <= self.distill <= 1.0:
             raise InputError("--expand-share and --distill must be in [0, 1].")
+        if not 0.0 <= self.replay < 1.0:
+            raise InputError(f"--replay is a share of each batch in [0, 1) (got {self.replay}).")
+        if self.replay and self.reads_text:
+            raise InputError("--replay keeps the compressor's text objective: it has no meaning with --read text.")
+        if self.replay_chunks < 1 or self.replay_tokens < 1:
+            raise InputError("replay windows need >= 1 chunk and >= 1 continuation token.")
         if self.max_target_tokens < 1 or self.eval_examples < 1:
             raise InputError("--max-target-tokens and --eval-examples must be >= 1.")
 
@@ -98,12 +112,13 @@ class SFTExample:
 
 @dataclass
 class SFTTask:
-    """The shared loop's task (``objectives.Task``) for SFT rows."""
+    """The shared loop's task (``objectives.Task``) for SFT rows (and, with ``replay``, next-paragraph windows)."""
 
     train_rows: list[SFTExample]
     val_rows: list[SFTExample]
     options: SFTOptions
     template: PromptTemplate
+    replay: StageTask | None = None  # the replay windows' source (``replay_task``); None: no replay
     stage: str = field(init=False)  # TEXT_STAGE for the text baseline, else RECIPE.stage
     _question_ids: dict[str, list[int]] = field(default_factory=dict)
 
@@ -114,15 +129,19 @@ class SFTTask:
     def text(self) -> bool:
         return self.options.reads_text
 
-    def examples(self, step: int, count: int) -> list[SFTExample]:
+    def examples(self, step: int, count: int) -> list[SFTExample | Example]:
+        """The step's rows (each epoch a seeded permutation), then its replay windows: a pure function of the step."""
+        windows = round(self.options.replay * count) if self.replay is not None else 0
+        rows = count - windows
         n, out, orders = len(self.train_rows), [], {}
-        for i in range(step * count, (step + 1) * count):
+        for i in range(step * rows, (step + 1) * rows):
             epoch, at = divmod(i, n)
             if epoch not in orders:  # one seeded permutation per epoch
                 orders[epoch] = np.random.default_rng((self.options.seed, epoch)).permutation(n)
             out.append(self.train_rows[int(orders[epoch][at])])
         rng = np.random.default_rng((self.options.seed, 1 << 30, step))
-        return [self._expanded(ex) if rng.random() < self.options.expand_share else ex for ex in out]
+        out = [self._expanded(ex) if rng.random() < self.options.expand_share else ex for ex in out]
+        return out + (self.replay.examples(step, windows) if windows else [])
 
     def _expanded(self, ex: SFTExample) -> SFTExample:
         selection = CompressionOptions(mode="refrag", policy=self.options.policy,
@@ -149,7 +168,16 @@ class SFTTask:
             self._question_ids[question] = self.template.question_ids(model.tokenizer, question)
         return self._question_ids[question]
 
-    def loss(self, model: RefragModel, examples: Sequence[SFTExample]) -> torch.Tensor:
+    def loss(self, model: RefragModel, examples: Sequence[SFTExample | Example]) -> torch.Tensor:
+        """The mean over the micro-batch: answer loss for its rows, next-paragraph loss for its replay windows."""
+        rows = [ex for ex in examples if isinstance(ex, SFTExample)]
+        windows = [ex for ex in examples if not isinstance(ex, SFTExample)]
+        parts = [(len(rows), self._answer_loss(model, rows))] if rows else []
+        if windows:
+            parts.append((len(windows), training_loss(model, windows, self.options.distill)))
+        return sum(n * loss for n, loss in parts) / len(examples)
+
+    def _answer_loss(self, model: RefragModel, examples: Sequence[SFTExample]) -> torch.Tensor:
         inputs = model.build_inputs(self.layouts(model, examples), adapter_on_text=self.text)
         logits, labels = model.label_logits(inputs)  # [B, K, V], [B, K]
         ce = mean_nll(logits, labels)
@@ -158,18 +186,30 @@ class SFTTask:
         teacher = self.layouts(model, examples, text=True)
         return (1 - self.options.distill) * ce + self.options.distill * kl_to_teacher(model, teacher, logits, labels)
 
-    def positions(self, examples: Sequence[SFTExample]) -> int:
-        return sum(len(ex.target) + (len(ex.context) if self.text else len(ex.chunks)) for ex in examples)
+    def positions(self, examples: Sequence[SFTExample | Example]) -> int:
+        rows = [ex for ex in examples if isinstance(ex, SFTExample)]
+        windows = [ex for ex in examples if not isinstance(ex, SFTExample)]
+        return (sum(len(ex.target) + (len(ex.context) if self.text else len(ex.chunks)) for ex in rows)
+                + (self.replay.positions(windows) if windows else 0))
 
     @torch.no_grad()
     def evaluate(self, model: RefragModel, batch_size: int) -> dict[int, Score]:
         """Held-out target log-ppl / accuracy, every chunk compressed (0) and with the policy's expansion (1); the
-        text baseline: every chunk as text (0)."""
+        text baseline: every chunk as text (0); with replay, its held-out windows' continuation (``replay_chunks``)."""
         plain = self.val_rows
         sets = ((0, plain),) if self.text else ((0, plain), (1, [self._expanded(ex) for ex in plain]))
-        return {key: score_layouts(model, self.batched_layouts(model, rows, batch_size), batch_size,
-                                   adapter_on_text=self.text)
-                for key, rows in sets}
+        scores = {key: score_layouts(model, self.batched_layouts(model, rows, batch_size), batch_size,
+                                     adapter_on_text=self.text)
+                  for key, rows in sets}
+        return scores | (self.replay.evaluate(model, batch_size) if self.replay is not None else {})
+
+
+def replay_task(corpus: TokenCorpus, k: int, options: SFTOptions) -> StageTask:
+    """Next-paragraph windows (CPT's examples) for SFT's replay, and their held-out windows (16 of them)."""
+    return StageTask(stage=RECIPE.stage, train_tokens=corpus.train, val_tokens=corpus.val, k=k,
+                     order=[options.replay_chunks], continuation_tokens=options.replay_tokens,
+                     distill=options.distill, seed=options.seed, eval_chunks=(options.replay_chunks,),
+                     eval_per_type=16)
 
 
 def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOptions) -> list[SFTExample]:
@@ -188,9 +228,12 @@ def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOption
 
 
 def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, train_options: TrainOptions,
-              *, lora_rank: int = 32) -> TrainResult:
+              *, lora_rank: int = 32, replay_corpus: TokenCorpus | None = None) -> TrainResult:
     """Mark what trains (the adapter of a cpt checkpoint trains further; the text baseline: a fresh adapter of a
-    model without one, nothing of the compressor), hold out the last rows, run the loop."""
+    model without one, nothing of the compressor), hold out the last rows, run the loop. ``replay_corpus``: the
+    training text of ``options.replay``'s windows (needed when it is > 0)."""
+    if options.replay and replay_corpus is None:
+        raise InputError("--replay needs training text for its windows (--replay-data).")
     if options.reads_text and model.has_adapter:
         raise InputError("--read text trains a new text adapter of the plain decoder: start it without --init.")
     if len(items) <= options.eval_examples:
@@ -202,5 +245,6 @@ def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, 
         model.projector.requires_grad_(False)
     examples = sft_examples(model, items, options)
     cut = len(examples) - options.eval_examples
-    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    replay = replay_task(replay_corpus, model.k, options) if options.replay and replay_corpus is not None else None
+    task = SFTTask(examples[:cut], examples[cut:], options, PromptTemplate.for_tokenizer(model.tokenizer), replay)
     return train(model, task, replace(train_options, lr=train_options.lr or RECIPE.paper_lr))

@@ -11,10 +11,10 @@ from conftest import TEXT, tiny_refrag
 
 from refrag.errors import InputError
 from refrag.modeling import RefragModel
-from refrag.train.common import StageOptions, set_trainable
+from refrag.train.common import StageOptions, set_trainable, stage_task
 from refrag.train.cpt import cpt
 from refrag.train.data import TokenCorpus
-from refrag.train.loop import TrainOptions, lr_factor, micro_batches
+from refrag.train.loop import TrainOptions, evaluate, lr_factor, micro_batches
 from refrag.train.mixed import mixed
 from refrag.train.objectives import Example
 from refrag.train.reconstruct import reconstruct
@@ -51,6 +51,21 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert len(losses(tmp_path / "b")) == 6
     for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
         assert torch.equal(p.float(), q.float()), n
+
+
+def test_the_untrained_model_is_scored_at_step_0_and_a_resume_does_not_score_it_again(tmp_path):
+    model = tiny_refrag("llama", k=4)
+    untrained = tiny_refrag("llama", k=4)  # the same init
+    reconstruct(model, corpus(model), STAGE, options(tmp_path, stop_after=3))
+    reconstruct(model, corpus(model), STAGE, options(tmp_path, resume=True))
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["name"].startswith("eval/log_ppl")]
+    assert [int(r["step"]) for r in rows if r["name"] == rows[0]["name"]] == [0, 3, 6]
+    set_trainable(untrained, STAGE, bf16=False)
+    task = stage_task("reconstruct", untrained, corpus(untrained), STAGE, 6 * 4)  # what reconstruct() builds
+    at_start = evaluate(untrained, task, 2, bf16=False)
+    logged = {r["name"]: float(r["value"]) for r in rows if r["step"] == "0"}
+    assert logged == pytest.approx({f"eval/log_ppl_{n}xk": s.log_ppl for n, s in at_start.items()}, rel=1e-4)
 
 
 def test_only_encoder_and_projector_train_in_reconstruction(tmp_path):

@@ -4,16 +4,19 @@ import csv
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_refrag
+from conftest import TEXT, tiny_refrag
 
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import IGNORE_INDEX
 from refrag.prompting import PromptTemplate
 from refrag.train import qa_data
 from refrag.train.common import check_stage_order
+from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions
+from refrag.train.objectives import Example
 from refrag.train.qa_data import (
     BLANK,
     QADataOptions,
@@ -24,7 +27,7 @@ from refrag.train.qa_data import (
     grounded,
     read_items,
 )
-from refrag.train.sft import RECIPE, SFTOptions, SFTTask, sft_examples, train_sft
+from refrag.train.sft import RECIPE, SFTOptions, SFTTask, replay_task, sft_examples, train_sft
 
 PASSAGES = [
     ("The river Elbe flows from the Krkonose mountains to the North Sea, passing through Dresden and Hamburg on "
@@ -198,6 +201,37 @@ def test_sft_learns_resumes_exactly_and_trains_only_the_compressed_path(tmp_path
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_replay_mixes_text_windows_into_every_batch_scores_them_and_resumes_exactly(tmp_path):
+    """--replay: a share of each batch is CPT's next-paragraph windows (so answering cannot undo CPT), scored held
+    out under their chunk count; the run stays a pure function of the step."""
+    def text(model):
+        ids = np.array(model.tokenizer(TEXT * 3)["input_ids"])
+        return TokenCorpus(train=ids[:-120], val=ids[-120:])
+
+    options = SFTOptions(eval_examples=2, replay=0.5, replay_chunks=2, replay_tokens=6)
+    model = tiny_refrag("llama", k=4)
+    result = train_sft(model, items(), options, loop(tmp_path / "a"), replay_corpus=text(model))
+    assert set(result.eval) == {0, 1, 2}  # answers all compressed / with expansion, and the replay windows
+    with (tmp_path / "a" / "metrics.csv").open() as f:
+        logged = [r for r in csv.DictReader(f) if r["name"] == "eval/log_ppl_2xk"]
+    assert [int(r["step"]) for r in logged] == [0, 3, 6] and float(logged[-1]["value"]) < float(logged[0]["value"])
+    task = SFTTask(sft_examples(model, items(), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer),
+                   replay_task(text(model), model.k, options))
+    batch = task.examples(5, 4)
+    windows = [ex for ex in batch if isinstance(ex, Example)]
+    assert len(windows) == 2 and all(len(w.context) == 8 and len(w.continuation) == 6 for w in windows)
+    assert task.examples(5, 4) == batch
+    model2 = tiny_refrag("llama", k=4)
+    train_sft(model2, items(), options, loop(tmp_path / "b", stop_after=3), replay_corpus=text(model2))
+    model3 = tiny_refrag("llama", k=4)
+    train_sft(model3, items(), options, loop(tmp_path / "b", resume=True), replay_corpus=text(model3))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    with pytest.raises(InputError, match="--replay-data"):
+        train_sft(tiny_refrag(), items(), options, loop(tmp_path / "c"))
+    with pytest.raises(InputError, match="--read text"):
+        SFTOptions(replay=0.3, read="text")
 
 
 def test_too_few_rows_for_the_held_out_split_is_an_error(tmp_path):

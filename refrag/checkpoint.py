@@ -113,26 +113,39 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
-def from_config(config: RefragConfig, *, progress: bool = True) -> RefragModel:
+def from_config(config: RefragConfig, *, progress: bool = True, encoder_from_base: bool = False) -> RefragModel:
     """Fresh parts: the decoder and chunk encoder named in ``config`` (built-in names, folders or HF ids; the
-    ``self`` / ``tokens`` encoders are built from the decoder), a new (untrained) projector."""
+    ``self`` / ``tokens`` encoders are built from the decoder), a new (untrained) projector.
+
+    ``encoder_from_base``: with ``config.decoder_adapter``, a ``self`` / ``tokens`` encoder is built from the
+    decoder BEFORE the adapter is merged (a compressor of the base decoder composed with a user's adapter: its
+    chunk vectors stay the ones it was trained to make); otherwise from the adapted decoder."""
     from refrag.models import resolve
 
     dec = resolve(config.decoder, progress=progress).path
     with _hf_progress(progress):
+        tokenizer = AutoTokenizer.from_pretrained(dec)
         if config.decoder_adapter is None:
             decoder = AutoModelForCausalLM.from_pretrained(dec, dtype=getattr(torch, config.dtype))
-        else:  # the user's adapter merged in fp32, then cast (no bf16 rounding of the merge itself)
-            from refrag.user_adapter import merge_user_adapter
+            return RefragModel(config, build_encoder(config, decoder, tokenizer, progress=progress), decoder, tokenizer)
+        from refrag.user_adapter import merge_user_adapter
 
-            base = AutoModelForCausalLM.from_pretrained(dec, dtype=torch.float32)
-            decoder, digest = merge_user_adapter(base, config.decoder_adapter, config.decoder_adapter_sha256)
-            decoder = decoder.to(getattr(torch, config.dtype))
-            local = Path(config.decoder_adapter).expanduser()
-            spec = str(local.resolve()) if local.exists() else config.decoder_adapter  # a folder: where it is
-            config = replace(config, decoder_adapter=spec, decoder_adapter_sha256=digest)
-        tokenizer = AutoTokenizer.from_pretrained(dec)
-        return RefragModel(config, build_encoder(config, decoder, tokenizer, progress=progress), decoder, tokenizer)
+        base = AutoModelForCausalLM.from_pretrained(dec, dtype=torch.float32)  # merged in fp32, then cast
+        early = encoder_from_base and config.encoder in BUILT_FROM_DECODER
+        encoder = build_encoder(config, base, tokenizer, progress=progress) if early else None
+        embeddings = base.get_input_embeddings().weight.detach().clone() if early else None
+        decoder, digest = merge_user_adapter(base, config.decoder_adapter, config.decoder_adapter_sha256)
+        if embeddings is not None and not torch.equal(embeddings, decoder.get_input_embeddings().weight):
+            raise InputError(f"decoder adapter {config.decoder_adapter} changes the token embeddings, which the "
+                             f"{config.encoder} chunk encoder shares with the decoder: train a compressor for the "
+                             "adapted decoder (`refrag train reconstruct --decoder-adapter ...`).")
+        decoder = decoder.to(getattr(torch, config.dtype))
+        local = Path(config.decoder_adapter).expanduser()
+        spec = str(local.resolve()) if local.exists() else config.decoder_adapter  # a folder: where it is
+        config = replace(config, decoder_adapter=spec, decoder_adapter_sha256=digest)
+        if encoder is None:
+            encoder = build_encoder(config, decoder, tokenizer, progress=progress)
+        return RefragModel(config, encoder, decoder, tokenizer)
 
 
 def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, save_decoder: bool = False) -> Path:
@@ -196,10 +209,6 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
              for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
     if decoder_adapter is not None:
         parts["decoder_adapter"] = decoder_adapter
-        if manifest.config.decoder_adapter is None and manifest.config.encoder in BUILT_FROM_DECODER:
-            raise InputError(f"{path}'s chunk encoder ({manifest.config.encoder}) is built from the base decoder's own "
-                             "layers: an adapter merged into the decoder would change it too. Train a compressor "
-                             "for the adapted decoder (`refrag train reconstruct --decoder-adapter ...`).")
         if manifest.config.decoder_adapter is None:
             log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s: refrag mode "
                         "can lose all of its context benefit (measured for a mild adapter in docs/byo.md; check "
@@ -211,7 +220,8 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
         state = load_file(str(path / PROJECTOR))
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}/{PROJECTOR} is missing or corrupt ({e}).") from e
-    model = from_config(config, progress=progress)
+    composed = decoder_adapter is not None and manifest.config.decoder_adapter is None
+    model = from_config(config, progress=progress, encoder_from_base=composed)  # its encoder: the base decoder's
     if built and (path / manifest.components["encoder"]).is_dir():
         model.encoder.load_weights(path / manifest.components["encoder"])
     expected = (model.hidden_size, model.encoder.hidden_size)

@@ -158,7 +158,8 @@ def test_a_saved_decoder_holds_the_adapter_once(parts, tmp_path):
                                full_logits(model))
 
 
-def test_a_self_encoder_compressor_of_the_base_refuses_an_adapter(parts, tmp_path):
+def self_encoder_compressor(parts, tmp_path):
+    """A saved compressor of the base decoder whose chunk encoder is built from the decoder's own first layer."""
     from dataclasses import replace
 
     from refrag.checkpoint import from_config
@@ -167,9 +168,33 @@ def test_a_self_encoder_compressor_of_the_base_refuses_an_adapter(parts, tmp_pat
                       progress=False)
     selfish = from_config(replace(base.config, encoder="self", encoder_layers=1, encoder_lora_rank=2),
                           progress=False)
-    path = checkpoint.save(selfish, tmp_path / "ckpt")
-    with pytest.raises(InputError, match="built from the base decoder's own layers"):
-        checkpoint.load(path, dtype="float32", progress=False, decoder_adapter=str(parts["adapters"][0]))
+    return selfish, checkpoint.save(selfish, tmp_path / "ckpt")
+
+
+def test_a_self_encoder_compressor_of_the_base_composes_with_an_adapter_its_vectors_unchanged(parts, tmp_path,
+                                                                                              caplog):
+    selfish, path = self_encoder_compressor(parts, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="refrag.checkpoint"):
+        model = checkpoint.load(path, dtype="float32", progress=False, decoder_adapter=str(parts["adapters"][0]))
+    assert "trained on the base decoder" in caplog.text
+    chunks = [selfish.as_chunk(t) for t in ("the cat sat on", "a dog ran far away")]
+    with torch.no_grad():  # the encoder is the base decoder's layers, as trained: not the adapted decoder's
+        torch.testing.assert_close(model.encode_chunks(chunks), selfish.encode_chunks(chunks))
+    torch.testing.assert_close(full_logits(model), adapted_logits(parts, parts["adapters"][0]), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(full_logits(model), full_logits(selfish))  # and the decoder is the adapted one
+
+
+def test_an_adapter_that_changes_the_shared_embeddings_is_refused(parts, tmp_path):
+    _, path = self_encoder_compressor(parts, tmp_path)
+    tokenizer = make_tokenizer()
+    lora = get_peft_model(tiny_decoder("llama", len(tokenizer)), LoraConfig(r=4, target_modules=["embed_tokens"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_embedding" in name:  # peft starts A at zero: make the update non-zero
+                p.normal_(0, 0.5)
+    lora.save_pretrained(tmp_path / "embedding-adapter")
+    with pytest.raises(InputError, match="changes the token embeddings"):
+        checkpoint.load(path, dtype="float32", progress=False, decoder_adapter=str(tmp_path / "embedding-adapter"))
 
 
 def test_an_index_remembers_the_adapter_for_ask(parts, tmp_path):

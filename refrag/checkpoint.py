@@ -133,9 +133,9 @@ def from_config(config: RefragConfig, *, progress: bool = True, encoder_from_bas
         base = AutoModelForCausalLM.from_pretrained(dec, dtype=torch.float32)  # merged in fp32, then cast
         early = encoder_from_base and config.encoder in BUILT_FROM_DECODER
         encoder = build_encoder(config, base, tokenizer, progress=progress) if early else None
-        embeddings = base.get_input_embeddings().weight.detach().clone() if early else None
+        embeddings = base.get_input_embeddings().weight.detach().clone() if early else None  # shared with the encoder
         decoder, digest = merge_user_adapter(base, config.decoder_adapter, config.decoder_adapter_sha256)
-        if embeddings is not None and not torch.equal(embeddings, decoder.get_input_embeddings().weight):
+        if early and not torch.equal(embeddings, decoder.get_input_embeddings().weight):
             raise InputError(f"decoder adapter {config.decoder_adapter} changes the token embeddings, which the "
                              f"{config.encoder} chunk encoder shares with the decoder: train a compressor for the "
                              "adapted decoder (`refrag train reconstruct --decoder-adapter ...`).")
@@ -207,9 +207,10 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
     built = manifest.config.encoder in BUILT_FROM_DECODER  # rebuilt from the decoder, trained weights loaded below
     parts = {name: str(path / spec) if (path / spec).is_dir() else spec
              for name in ("encoder", "decoder") for spec in [manifest.components[name]] if not (built and name == "encoder")}
+    composed = decoder_adapter is not None and manifest.config.decoder_adapter is None  # a base compressor + theirs
     if decoder_adapter is not None:
         parts["decoder_adapter"] = decoder_adapter
-        if manifest.config.decoder_adapter is None:
+        if composed:
             log.warning("%s was trained on the base decoder; composing it with the decoder adapter %s: refrag mode "
                         "can lose all of its context benefit (measured for a mild adapter in docs/byo.md; check "
                         "yours with `refrag eval perplexity`) - train a compressor with --decoder-adapter",
@@ -220,7 +221,6 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
         state = load_file(str(path / PROJECTOR))
     except Exception as e:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointError(f"{path}/{PROJECTOR} is missing or corrupt ({e}).") from e
-    composed = decoder_adapter is not None and manifest.config.decoder_adapter is None
     model = from_config(config, progress=progress, encoder_from_base=composed)  # its encoder: the base decoder's
     if built and (path / manifest.components["encoder"]).is_dir():
         model.encoder.load_weights(path / manifest.components["encoder"])

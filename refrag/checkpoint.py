@@ -9,6 +9,8 @@ A checkpoint folder (written atomically)::
                             folder for a text encoder; encoder.safetensors (adapter only) for ``self`` / ``tokens``
     decoder/                the decoder, when it was trained in full (else referenced by its spec)
     decoder_adapter/        the decoder's LoRA adapter (peft format), when one was trained
+    answer_adapter/         an answer adapter trained on top of this (frozen) compressor (``refrag train sft --learn
+                            adapter``; peft format): it runs beside decoder_adapter, on compressed inputs only
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from refrag.errors import CheckpointError, InputError
 from refrag.integrity import CHECKSUM_LIMIT, FileRecord, record_tree, total_bytes, verify
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.manifest import ManifestKind, parse_typed, read_manifest
-from refrag.modeling import RefragModel
+from refrag.modeling import ANSWER_ADAPTER, COMPRESSOR_ADAPTER, RefragModel
 from refrag.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpo
                           "or a half-copied one: restore it or re-save the model")
 MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
+ANSWER = "answer_adapter"  # an answer adapter trained on top of the frozen compressor (RefragModel.add_answer_adapter)
 POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
 RESTORE = "Restore the checkpoint folder from where it came, or re-save / re-export the model."
@@ -67,6 +70,10 @@ class CheckpointManifest:
     @property
     def adapter(self) -> str | None:
         return self.components.get(ADAPTER)
+
+    @property
+    def answer_adapter(self) -> str | None:
+        return self.components.get(ANSWER)
 
     @property
     def policy(self) -> str | None:
@@ -177,9 +184,11 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
                 config = replace(config, decoder_adapter=None, decoder_adapter_sha256=None,
                                  extra={**config.extra, "merged_decoder_adapter": config.decoder_adapter})
         if model.has_adapter:
-            model.decoder.save_pretrained(tmp / ADAPTER)  # peft writes the adapter only (safetensors)
-            (tmp / ADAPTER / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
+            _save_adapter(model, COMPRESSOR_ADAPTER, tmp / ADAPTER)
             components[ADAPTER] = ADAPTER
+        if model.has_answer_adapter:
+            _save_adapter(model, ANSWER_ADAPTER, tmp / ANSWER)
+            components[ANSWER] = ANSWER
         if model.policy_network is not None:
             from refrag.learned_policy import save_policy
 
@@ -191,6 +200,17 @@ def save(model: RefragModel, path: str | Path, *, save_encoder: bool = True, sav
                                       record_tree(tmp, skip=(MANIFEST,)))
         write_json_atomic(tmp / MANIFEST, manifest.to_json())
     return path
+
+
+def _save_adapter(model: RefragModel, name: str, folder: Path) -> None:
+    """One of the decoder's peft adapters as a folder of its own (peft writes the adapter only, safetensors;
+    an adapter not named "default" goes into a subfolder of its name, moved up here)."""
+    model.decoder.save_pretrained(folder, selected_adapters=[name])
+    if name != COMPRESSOR_ADAPTER:
+        for f in (folder / name).iterdir():
+            f.rename(folder / f.name)
+        (folder / name).rmdir()
+    (folder / "README.md").unlink(missing_ok=True)  # peft's blank model card (a local path)
 
 
 def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
@@ -241,6 +261,8 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
     model.projector.to(device=model.device, dtype=model.dtype)
     if manifest.adapter is not None:
         model.attach_adapter(path / manifest.adapter)
+    if manifest.answer_adapter is not None:
+        model.attach_adapter(path / manifest.answer_adapter, answer=True)
     if manifest.policy is not None:
         from refrag.learned_policy import load_policy
 

@@ -318,7 +318,8 @@ def _prefill_and_decode(
         kv_bytes = kv_cache_bytes(out.past_key_values)
         rows = [_Row(model.tokenizer, sampling.stop, (lambda t, b=b: on_text(b, t)) if on_text else None)
                 for b in range(len(batch.requests))]
-    with model.decoder_for(inputs.compressed, decoding=True) as decoder:  # new tokens (a chunk-scoped adapter: off)
+    # new tokens: a chunk-scoped adapter is off on them, an answer adapter on
+    with model.decoder_for(inputs.compressed, decoding=True) as decoder:
         _decode(model, decoder, inputs, out.past_key_values, next_ids, rows, sampling, generator, cancelled)
     total = time.perf_counter() - batch.t0
     steps = max(len(r.ids) for r in rows)

@@ -35,6 +35,8 @@ from refrag.encoders import ChunkEncoder
 from refrag.errors import CheckpointError, InputError
 
 IGNORE_INDEX = -100  # label of positions without a target
+COMPRESSOR_ADAPTER = "default"  # peft name of the compressor's decoder adapter
+ANSWER_ADAPTER = "answer"  # peft name of an answer adapter trained on top of a frozen compressor (``add_answer_adapter``)
 Segment = Sequence[int] | torch.Tensor  # raw token ids, or [n, D] rows placed as they are
 
 
@@ -230,22 +232,26 @@ class ChunkScope:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def install(self, decoder: nn.Module) -> None:
-        """Hook every ``lora_B`` of ``decoder`` (an adapter loaded later into it needs another ``install``)."""
+        """Hook every ``lora_B`` of the compressor's adapter in ``decoder`` (an answer adapter beside it runs at
+        every position; an adapter loaded later needs another ``install``)."""
         from peft.tuners.lora import LoraLayer
 
         self.remove()
-        self._handles = [b.register_forward_hook(self._hook) for m in decoder.modules() if isinstance(m, LoraLayer)
-                         for b in m.lora_B.values()]
+        self._handles = [m.lora_B[COMPRESSOR_ADAPTER].register_forward_hook(self._hook) for m in decoder.modules()
+                         if isinstance(m, LoraLayer) and COMPRESSOR_ADAPTER in m.lora_B]
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
 
-    @contextlib.contextmanager
-    def active(self, vector_mask: torch.Tensor | None) -> Iterator[None]:
+    def active(self, vector_mask: torch.Tensor | None) -> contextlib.AbstractContextManager[None]:
         """``vector_mask`` [B, T] bool places the adapter for the calls inside (the previous mask is restored after)."""
-        outer, self.mask = self.mask, None if vector_mask is None else vector_mask.unsqueeze(-1)
+        return self._placed(None if vector_mask is None else vector_mask.unsqueeze(-1))
+
+    @contextlib.contextmanager
+    def _placed(self, mask: torch.Tensor | None) -> Iterator[None]:
+        outer, self.mask = self.mask, mask
         try:
             yield
         finally:
@@ -254,11 +260,15 @@ class ChunkScope:
     def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """``context_fn`` for non-reentrant gradient checkpointing: a layer recomputed during backward (after
         ``decoder_for`` has exited) gets the mask its forward had."""
-        mask = None if self.mask is None else self.mask.squeeze(-1)
-        return contextlib.nullcontext(), self.active(mask)
+        return contextlib.nullcontext(), self._placed(self.mask)
+
+    def text_only(self) -> contextlib.AbstractContextManager[None]:
+        """Every position of the calls inside is text (cached decoding beside an answer adapter): the adapter's
+        update is zero there."""
+        return self._placed(torch.zeros((), dtype=torch.bool))
 
     def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if self.mask is None or self.mask.shape[:2] != output.shape[:2]:
+        if self.mask is None or (self.mask.dim() and self.mask.shape[:2] != output.shape[:2]):
             raise RuntimeError("a chunk-scoped adapter ran without its [B, T] vector mask: call the decoder through "
                                "RefragModel.decoder_for(compressed, vector_mask) (and on [B, T, D] activations).")
         return output * self.mask  # [B, T, out]: zero at text positions
@@ -460,17 +470,60 @@ class RefragModel(nn.Module):
             self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
         self.set_adapter_scope(self.config.adapter_scope)
 
-    def attach_adapter(self, folder) -> None:
-        """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again)."""
+    @property
+    def has_answer_adapter(self) -> bool:
+        return self.has_adapter and ANSWER_ADAPTER in self.decoder.peft_config
+
+    def add_answer_adapter(self, rank: int) -> None:
+        """A fresh, trainable answer adapter (LoRA on every linear layer but the LM head) beside the compressor's.
+
+        It runs in compressed calls only (text-only inputs keep the original decoder), at every position, decoded
+        tokens included; the compressor's adapter keeps its own scope and is frozen here. Trained on the mixed
+        input with the compressor frozen (``refrag train sft --learn adapter``), so the compressor's vectors and
+        its perplexity protocol cannot move; a checkpoint keeps it as ``answer_adapter/``.
+        """
+        from peft import LoraConfig
+
+        self._check_answer_host()
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+        with quiet_peft():
+            self.decoder.add_adapter(ANSWER_ADAPTER, config)
+        self._activate_both()
+        for name, p in self.decoder.named_parameters():
+            p.requires_grad_(f".{ANSWER_ADAPTER}." in name)
+            if p.requires_grad:
+                p.data = p.data.float()  # fp32 master weights whatever the frozen decoder's dtype
+
+    def attach_adapter(self, folder, *, answer: bool = False) -> None:
+        """Wrap the decoder with a saved LoRA adapter (frozen; training marks it trainable again); ``answer``:
+        the saved answer adapter, beside the compressor's (``add_answer_adapter``)."""
         from peft import PeftModel
 
+        if answer:
+            self._check_answer_host()
         try:
             with quiet_peft():
-                self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
+                if answer:
+                    self.decoder.load_adapter(str(folder), adapter_name=ANSWER_ADAPTER, autocast_adapter_dtype=False)
+                else:
+                    self.decoder = PeftModel.from_pretrained(self.decoder, str(folder), autocast_adapter_dtype=False)
         except Exception as e:  # peft raises ValueError/OSError/KeyError for missing, corrupt or foreign adapters
             raise CheckpointError(f"{folder}: the decoder adapter is missing, corrupt or for another decoder ({e}).") from e
         self.decoder.to(dtype=self.dtype)
+        if answer:
+            self._activate_both()
+            self.decoder.requires_grad_(False)
         self.set_adapter_scope(self.config.adapter_scope)
+
+    def _check_answer_host(self) -> None:
+        if not self.has_adapter:
+            raise InputError("an answer adapter runs beside a compressor's decoder adapter, and this model has none: "
+                             "start from a cpt, mixed or sft checkpoint (they all have one).")
+        if self.has_answer_adapter:
+            raise InputError("the decoder already has an answer adapter.")
+
+    def _activate_both(self) -> None:
+        self.decoder.base_model.set_adapter([COMPRESSOR_ADAPTER, ANSWER_ADAPTER])
 
     @property
     def chunk_scoped(self) -> bool:
@@ -502,12 +555,15 @@ class RefragModel(nn.Module):
 
         ``vector_mask`` [B, T] (``DecoderInputs.vector_mask``) places a chunk-scoped adapter and is required for
         its compressed calls; ``decoding``: cached steps over new tokens (text), which then run the original
-        decoder."""
+        decoder, or beside an answer adapter (``add_answer_adapter``) the decoder with it."""
         if self.chunk_scoped:
             if compressed and not decoding:
                 if vector_mask is None:
                     raise InputError("a chunk-scoped adapter needs the call's vector_mask (DecoderInputs.vector_mask).")
                 with self.chunk_scope.active(vector_mask):
+                    yield self.decoder
+            elif compressed and self.has_answer_adapter:  # decoded tokens: the answer adapter runs on them too
+                with self.chunk_scope.text_only():
                     yield self.decoder
             else:
                 with self.decoder.disable_adapter():

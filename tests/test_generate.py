@@ -172,15 +172,10 @@ def test_non_finite_vectors_or_weights_are_an_error_not_an_empty_answer():
         generate(model, [request], compression=CompressionOptions(mode="full"), sampling=SamplingOptions(max_new_tokens=2))
 
 
-def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
-    """Cached decoding of new tokens (text: the original weights) picks the tokens a full recompute of prompt +
-    answer, with the adapter at the vector positions only, picks."""
+def _recomputed_greedy(model, answer) -> list[int]:
+    """The greedy pick after every answer prefix, by ONE uncached forward over prompt + answer (compressed)."""
     from refrag.modeling import Layout
 
-    model = add_random_lora(tiny_refrag("llama"))
-    model.set_adapter_scope("chunks")
-    sampling = SamplingOptions(max_new_tokens=6, ignore_eos=True)
-    answer = generate(model, [_request(model)], sampling=sampling)[0].token_ids
     template = PromptTemplate.for_tokenizer(model.tokenizer)
     request = _request(model).with_encodings(model)
     with torch.no_grad():
@@ -191,9 +186,39 @@ def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
     whole = Layout(torch.cat([prompt.token_ids, tail]), torch.cat([prompt.is_vector, torch.zeros_like(tail, dtype=torch.bool)]),
                    prompt.vectors)
     logits = model.decoder_logits(model.build_inputs([whole]))[0, prompt.length - 1 :]  # [n, V]
-    assert logits.argmax(-1).tolist() == list(answer)
+    return logits.argmax(-1).tolist()
+
+
+def test_chunk_scoped_adapter_decoding_equals_recomputing_the_whole_sequence():
+    """Cached decoding of new tokens (text: the original weights) picks the tokens a full recompute of prompt +
+    answer, with the adapter at the vector positions only, picks."""
+    model = add_random_lora(tiny_refrag("llama"))
+    model.set_adapter_scope("chunks")
+    sampling = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    answer = generate(model, [_request(model)], sampling=sampling)[0].token_ids
+    assert _recomputed_greedy(model, answer) == list(answer)
     longer = _request(model, "What is the capital of France, and which river runs through it?")
     batched = generate(model, [_request(model), longer], sampling=sampling)  # left-padded rows, one mask
     assert [a.token_ids for a in batched] == [answer, generate(model, [longer], sampling=sampling)[0].token_ids]
     model.set_adapter_scope("sequence")
     assert generate(model, [_request(model)], sampling=sampling)[0].token_ids != answer  # the scope matters
+
+
+def test_answer_adapter_decoding_equals_recomputing_the_whole_sequence():
+    """An answer adapter (beside a chunk-scoped compressor adapter) runs at every position of a compressed call,
+    cached decoding of the new tokens included: greedy decoding picks what a full recompute picks."""
+    model = add_random_lora(tiny_refrag("llama"))
+    model.set_adapter_scope("chunks")
+    sampling = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    without = generate(model, [_request(model)], sampling=sampling)[0].token_ids
+    plain_full = generate(model, [_request(model)], compression=FULL, sampling=sampling)[0].token_ids
+    model.add_answer_adapter(4)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "lora_B.answer" in name:
+                p.normal_(0, 0.5)
+    answer = generate(model, [_request(model)], sampling=sampling)[0].token_ids
+    assert answer != without
+    assert generate(model, [_request(model)], compression=FULL, sampling=sampling)[0].token_ids == plain_full
+    assert _recomputed_greedy(model, answer) == list(answer)

@@ -237,3 +237,12 @@ def test_vllm_refuses_a_chunk_scoped_adapter_before_starting(tmp_path):
 
     with pytest.raises(InputError, match="--backend torch"):
         VLLMServer(_scoped(tmp_path), VLLMOptions("python")).start()
+
+
+def test_vllm_refuses_an_answer_adapter_before_starting(tmp_path):
+    from refrag.serve.vllm import VLLMOptions, VLLMServer
+
+    model = with_trained_lora(tmp_path)  # a sequence-scoped compressor adapter vLLM could serve alone
+    model.add_answer_adapter(4)
+    with pytest.raises(InputError, match="answer adapter"):
+        VLLMServer(model, VLLMOptions("python")).start()

@@ -283,6 +283,10 @@ def sft_cmd(
                                            "a new adapter of the plain decoder on the same rows, every chunk as "
                                            "text (evaluate it with `eval qa --modes full --decoder-adapter "
                                            "OUT/final/decoder_adapter`)")] = "compressed",
+    learn: Annotated[str, typer.Option(help="compressor: train the encoder, projector and its decoder adapter; "
+                                            "adapter: keep the compressor frozen (its vectors cannot move) and "
+                                            "train a new answer adapter beside it on the same input, kept in "
+                                            "OUT/final/answer_adapter and used in refrag mode only")] = "compressor",
     replay: Annotated[float, typer.Option(help="share of each batch that is next-paragraph windows of --replay-data "
                                                "(CPT's objective, 16 chunks -> 64 tokens), so answering does not undo "
                                                "what CPT taught; 0: none")] = 0.0,
@@ -304,7 +308,7 @@ def sft_cmd(
 
     options = SFTOptions(target=target, distill=distill, policy=policy, expand_fraction=expand_fraction,  # type: ignore[arg-type]
                          expand_share=expand_share, eval_examples=eval_examples, train_encoder=train_encoder,
-                         read=read, replay=replay, seed=seed)  # type: ignore[arg-type]
+                         read=read, learn=learn, replay=replay, seed=seed)  # type: ignore[arg-type]
     if options.reads_text and init:
         raise InputError("--read text fine-tunes the plain decoder (a new text adapter): leave out --init.")
     items = read_items(data)

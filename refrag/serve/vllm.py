@@ -78,6 +78,9 @@ class VLLMServer:
         if self.model.config.decoder_adapter is not None:
             raise InputError("--backend vllm serves the decoder's own folder; a --decoder-adapter is merged in memory "
                              "only: save the merged decoder to a folder and pass it as --decoder instead.")
+        if self.model.has_answer_adapter:
+            raise InputError("this checkpoint has an answer adapter beside its compressor's adapter; vLLM serves one "
+                             "LoRA module per request: serve it with the default --backend torch.")
         if self.model.chunk_scoped:
             raise InputError("this compressor's decoder adapter applies at chunk-vector positions only "
                              "(adapter_scope: chunks), which a vLLM LoRA module cannot do (it adapts every token): "

@@ -93,6 +93,9 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
     further). Under bf16 training, frozen decoder weights are cast to bf16: no master copy is needed for weights
     that never change, and bf16 matmuls are 2-3x faster with AMX."""
     train_decoder = options.train_decoder
+    if model.has_answer_adapter:
+        raise InputError("this checkpoint has an answer adapter trained on its compressor as it is: train the "
+                         "compressor further from the checkpoint the answer adapter was trained from (its --init).")
     if model.has_adapter and train_decoder == "full":
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
     if options.adapter_scope is not None:

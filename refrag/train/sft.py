@@ -16,6 +16,10 @@
   docs/training.md). Their held-out windows are scored too (key ``replay_chunks``), so a collapse shows in the log.
 - Held out: the last ``eval_examples`` rows of the file, never trained on: the target's log-ppl and token
   accuracy with every chunk compressed (key 0) and with the policy's expansion (key 1).
+- ``learn="adapter"``: the compressor (encoder, projector, its decoder adapter) stays frozen and a new answer
+  adapter (``RefragModel.add_answer_adapter``) trains on the same mixed input: it runs beside the compressor's
+  adapter on compressed inputs, at every position, so the chunk vectors cannot move (refrag mode's perplexity can,
+  through the adapter at text positions: measure it); the checkpoint keeps it as ``answer_adapter/``.
 - ``read="text"``: the fair baseline (the paper's LLaMA_FT): the same rows and loss, every chunk read as text, a
   fresh decoder adapter that runs on text (the compressor is not used and does not train). Its adapter folder
   (``final/decoder_adapter``) is then a user adapter: ``refrag eval qa --modes full --decoder-adapter ...``.
@@ -46,6 +50,7 @@ RECIPE = Recipe(stage="sft", after=("cpt", "mixed", "sft"), paper_lr=2e-5)
 TEXT_STAGE = "sft-text"  # the baseline's checkpoints: a text adapter, never the start of a compressor stage
 Target = Literal["teacher", "gold"]
 Read = Literal["compressed", "text"]
+Learn = Literal["compressor", "adapter"]
 ENCODING_FREE_POLICIES = ("none", "first", "last", "random", "lexical")  # need no chunk encodings, no model
 
 
@@ -60,6 +65,7 @@ class SFTOptions:
     eval_examples: int = 32
     train_encoder: bool = True
     read: Read = "compressed"  # text: the full-context fine-tuning baseline (module docstring)
+    learn: Learn = "compressor"  # adapter: a new answer adapter, the compressor frozen (module docstring)
     replay: float = 0.0  # share of each batch that is next-paragraph windows of training text (module docstring)
     replay_chunks: int = 16  # compressed context chunks of a replay window
     replay_tokens: int = 64  # continuation tokens it predicts
@@ -68,6 +74,10 @@ class SFTOptions:
     def __post_init__(self) -> None:
         check_choice(self.target, Target, "--target")
         check_choice(self.read, Read, "--read")
+        check_choice(self.learn, Learn, "--learn")
+        if self.learn == "adapter" and (self.reads_text or self.replay):
+            raise InputError("--learn adapter keeps the compressor frozen: --read text (a text adapter of the plain "
+                             "decoder) and --replay (the compressor's own objective) do not apply to it.")
         if self.read == "text" and self.distill:
             raise InputError("--read text trains the full-context decoder itself: --distill (a KL to it) must be 0.")
         if self.policy not in ENCODING_FREE_POLICIES:
@@ -229,8 +239,8 @@ def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOption
 
 def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, train_options: TrainOptions,
               *, lora_rank: int = 32, replay_corpus: TokenCorpus | None = None) -> TrainResult:
-    """Mark what trains (the adapter of a cpt checkpoint trains further; the text baseline: a fresh adapter of a
-    model without one, nothing of the compressor), hold out the last rows, run the loop. ``replay_corpus``: the
+    """Mark what trains (the adapter of a cpt checkpoint trains further; ``learn="adapter"``: a fresh answer
+    adapter beside it, nothing of the compressor; the text baseline: a fresh adapter of a model without one), hold out the last rows, run the loop. ``replay_corpus``: the
     training text of ``options.replay``'s windows (needed when it is > 0)."""
     if options.replay and replay_corpus is None:
         raise InputError("--replay needs training text for its windows (--replay-data).")
@@ -239,10 +249,14 @@ def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, 
     if len(items) <= options.eval_examples:
         raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
                          "are held out).")
-    set_trainable(model, StageOptions(train_decoder="lora", train_encoder=options.train_encoder and not options.reads_text,
-                                      lora_rank=lora_rank), bf16=train_options.bf16)
-    if options.reads_text:
+    adapter_only = options.learn == "adapter"
+    set_trainable(model, StageOptions(train_decoder="frozen" if adapter_only else "lora", lora_rank=lora_rank,
+                                      train_encoder=options.train_encoder and not (options.reads_text or adapter_only)),
+                  bf16=train_options.bf16)
+    if options.reads_text or adapter_only:
         model.projector.requires_grad_(False)
+    if adapter_only:
+        model.add_answer_adapter(lora_rank)
     examples = sft_examples(model, items, options)
     cut = len(examples) - options.eval_examples
     replay = replay_task(replay_corpus, model.k, options) if options.replay and replay_corpus is not None else None

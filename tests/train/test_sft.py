@@ -266,3 +266,57 @@ def test_the_text_baseline_trains_a_text_adapter_that_merges_as_a_user_adapter(t
         SFTOptions(read="text", distill=0.5)
     with pytest.raises(InputError, match="without --init"):
         train_sft(model, items(), options, loop(tmp_path / "b"))  # it already holds an adapter
+
+
+def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reloads(tmp_path):
+    """`--learn adapter`: only the new answer adapter moves (the vectors and full mode stay as they were), the run
+    resumes exactly, and the checkpoint reloads it beside the compressor's adapter; its compressor cannot be
+    trained further as it is."""
+    from conftest import with_trained_lora
+
+    from refrag import checkpoint
+    from refrag.train.common import StageOptions, set_trainable
+
+    def compressor(folder):
+        model = with_trained_lora(folder)
+        model.encoder.save(folder / "enc")  # in a folder, so the checkpoint can reference the frozen encoder
+        model.config.encoder = str(folder / "enc")
+        model.set_adapter_scope("chunks")
+        return model
+
+    options = SFTOptions(eval_examples=2, learn="adapter")
+    model = compressor(tmp_path / "m1")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chunks = sft_examples(model, items(2), options)[0].chunks
+    with torch.no_grad():
+        vectors = model.embed_chunks(chunks)
+    result = train_sft(model, items(), options, loop(tmp_path / "a"))
+    curve = [float(v) for _, v in losses(tmp_path / "a")]
+    assert curve[-1] < curve[0]
+    moved = {n for n, p in model.named_parameters() if n not in before or not torch.equal(p, before[n])}
+    assert moved and all(".answer." in n for n in moved)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed_chunks(chunks), vectors, rtol=0, atol=0)
+    text = model.build_inputs([model.layout([[2, 5, 6, 7, 8]])])
+    torch.testing.assert_close(model.decoder_logits(text), tiny_refrag("llama").decoder_logits(text))  # full mode
+    assert (result.final_dir / "answer_adapter" / "adapter_model.safetensors").is_file()
+    loaded = checkpoint.load(result.final_dir, progress=False)
+    assert loaded.has_answer_adapter and loaded.chunk_scoped
+    mixed = SFTTask(sft_examples(model, items(2), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    inputs = model.build_inputs(mixed.layouts(model, mixed.train_rows))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decoder_logits(inputs), model.decoder_logits(inputs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="answer adapter"):
+        set_trainable(loaded, StageOptions(train_decoder="lora"), bf16=False)
+    model2 = compressor(tmp_path / "m2")
+    assert train_sft(model2, items(), options, loop(tmp_path / "b", stop_after=3)).final_dir is None
+    model3 = compressor(tmp_path / "m3")
+    train_sft(model3, items(), options, loop(tmp_path / "b", resume=True))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
+        assert torch.equal(p, q), n
+    with pytest.raises(InputError, match="--learn adapter"):
+        SFTOptions(learn="adapter", replay=0.25)
+    with pytest.raises(InputError, match="compressor's decoder adapter"):
+        train_sft(tiny_refrag("llama"), items(), options, loop(tmp_path / "c"))

@@ -274,6 +274,13 @@ class ChunkScope:
         return output * self.mask  # [B, T, out]: zero at text positions
 
 
+def _decoder_lora(rank: int):
+    """The decoder adapters' LoRA config: every linear layer but the LM head, alpha = 2 x rank, no dropout."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
+
+
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing``: a FutureWarning on every
@@ -461,13 +468,12 @@ class RefragModel(nn.Module):
 
     def add_lora(self, rank: int) -> None:
         """Wrap the decoder with a fresh LoRA adapter on every linear layer but the LM head (trainable)."""
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if self.has_adapter:
             raise InputError("the decoder already has an adapter; train it further instead of adding one.")
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
         with quiet_peft():
-            self.decoder = get_peft_model(self.decoder, config, autocast_adapter_dtype=False)
+            self.decoder = get_peft_model(self.decoder, _decoder_lora(rank), autocast_adapter_dtype=False)
         self.set_adapter_scope(self.config.adapter_scope)
 
     @property
@@ -479,15 +485,13 @@ class RefragModel(nn.Module):
 
         It runs in compressed calls only (text-only inputs keep the original decoder), at every position, decoded
         tokens included; the compressor's adapter keeps its own scope and is frozen here. Trained on the mixed
-        input with the compressor frozen (``refrag train sft --learn adapter``), so the compressor's vectors and
-        its perplexity protocol cannot move; a checkpoint keeps it as ``answer_adapter/``.
+        input with the compressor frozen (``refrag train sft --learn adapter``), so the chunk vectors cannot move
+        (refrag mode's perplexity can: the adapter also runs at its text positions); a checkpoint keeps it as
+        ``answer_adapter/``.
         """
-        from peft import LoraConfig
-
         self._check_answer_host()
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear")
         with quiet_peft():
-            self.decoder.add_adapter(ANSWER_ADAPTER, config)
+            self.decoder.add_adapter(ANSWER_ADAPTER, _decoder_lora(rank))
         self._activate_both()
         for name, p in self.decoder.named_parameters():
             p.requires_grad_(f".{ANSWER_ADAPTER}." in name)

@@ -240,8 +240,9 @@ def sft_examples(model: RefragModel, items: Sequence[QAItem], options: SFTOption
 def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, train_options: TrainOptions,
               *, lora_rank: int = 32, replay_corpus: TokenCorpus | None = None) -> TrainResult:
     """Mark what trains (the adapter of a cpt checkpoint trains further; ``learn="adapter"``: a fresh answer
-    adapter beside it, nothing of the compressor; the text baseline: a fresh adapter of a model without one), hold out the last rows, run the loop. ``replay_corpus``: the
-    training text of ``options.replay``'s windows (needed when it is > 0)."""
+    adapter beside it, nothing of the compressor; the text baseline: a fresh adapter of a model without one),
+    hold out the last rows, run the loop. ``replay_corpus``: the training text of ``options.replay``'s windows
+    (needed when it is > 0)."""
     if options.replay and replay_corpus is None:
         raise InputError("--replay needs training text for its windows (--replay-data).")
     if options.reads_text and model.has_adapter:

@@ -214,8 +214,11 @@ def _save_adapter(model: RefragModel, name: str, folder: Path) -> None:
 
 
 def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
-         decoder_adapter: str | None = None) -> RefragModel:
+         decoder_adapter: str | None = None, answer_adapter: bool = True) -> RefragModel:
     """Load a checkpoint folder written by :func:`save`; mismatches are CheckpointErrors.
+
+    ``answer_adapter``: attach the checkpoint's answer adapter when it has one (False: the compressor alone, as
+    continuation scoring and further compressor training read it).
 
     ``decoder_adapter``: a user's LoRA adapter of the decoder (``refrag.user_adapter``). A compressor trained with
     one accepts only that one (by digest) and loads it from its recorded spec when none is given; a compressor
@@ -261,7 +264,7 @@ def load(path: str | Path, *, dtype: str | None = None, progress: bool = True,
     model.projector.to(device=model.device, dtype=model.dtype)
     if manifest.adapter is not None:
         model.attach_adapter(path / manifest.adapter)
-    if manifest.answer_adapter is not None:
+    if manifest.answer_adapter is not None and answer_adapter:
         model.attach_adapter(path / manifest.answer_adapter, answer=True)
     if manifest.policy is not None:
         from refrag.learned_policy import load_policy
@@ -291,6 +294,7 @@ def load_model(
     merge: bool = True,
     decoder_adapter: str | None = None,
     quantize: str | None = None,
+    answer_adapter: bool = True,
 ) -> RefragModel:
     """A trained checkpoint when given (or the shipped one for the default models at ``k``: ``shipped_checkpoint``),
     else fresh parts.
@@ -298,7 +302,7 @@ def load_model(
     ``decoder_adapter``: a PEFT LoRA adapter folder (or HF id) of the decoder, merged into it: full mode runs
     base + adapter, refrag mode adds the compressor's own adapter on top (see :func:`load`). ``quantize``
     ("int8" / "int4", or a checkpoint's recorded scheme; "none" overrides the recorded one): weight-only
-    quantization of the decoder for inference (``refrag.quantize``).
+    quantization of the decoder for inference (``refrag.quantize``). ``answer_adapter``: as in :func:`load`.
 
     ``decoder`` / ``encoder`` / ``k`` left as None mean the defaults (SmolLM2-135M-Instruct, the self-encoder,
     16); with a checkpoint they are its own (a contradicting ``k`` is an error). ``merge`` keeps a merged copy of an adapted
@@ -315,7 +319,8 @@ def load_model(
     elif is_default:
         checkpoint = shipped_checkpoint(k or DEFAULT_K)
     if checkpoint is not None:
-        model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter)
+        model = load(checkpoint, dtype=dtype, progress=progress, decoder_adapter=decoder_adapter,
+                     answer_adapter=answer_adapter)
         if merge:
             model.merge_adapter()  # a no-op without an adapter
         return _quantized(model, quantize or CheckpointManifest.read(checkpoint).config.quantize)  # "none": off

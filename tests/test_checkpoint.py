@@ -75,6 +75,31 @@ def test_lora_adapter_round_trips_and_refuses_a_full_decoder_save(tmp_path):
         checkpoint.load(path, progress=False)
 
 
+def test_export_keeps_both_decoder_adapters_in_bf16(tmp_path):
+    """`refrag train export` of a checkpoint with an answer adapter: both adapters ship (bf16, half the bytes) and
+    the exported model computes what the trained one did, within bf16."""
+    from safetensors.torch import load_file
+
+    model = with_trained_lora(tmp_path)
+    model.set_adapter_scope("chunks")
+    model.add_answer_adapter(4)
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if ".answer." in name and "lora_B" in name:
+                p.normal_(0, 0.5)
+    source = checkpoint.save(model, tmp_path / "ckpt", save_encoder=True)
+    target = checkpoint.export(source, tmp_path / "shipped")
+    assert CheckpointManifest.read(target).answer_adapter == checkpoint.ANSWER
+    weights = load_file(str(target / checkpoint.ANSWER / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
+    loaded = checkpoint.load(target, dtype="float32", progress=False)
+    assert loaded.has_answer_adapter and loaded.chunk_scoped
+    layout = segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)
+    inputs = model.build_inputs([layout])
+    torch.testing.assert_close(loaded.decoder_logits(loaded.build_inputs([layout])), model.decoder_logits(inputs),
+                               atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_load_model_merges_the_adapter_only_when_asked(tmp_path, merge):
     path = checkpoint.save(with_trained_lora(tmp_path), tmp_path / "ckpt", save_encoder=True)

@@ -42,6 +42,9 @@ Quantize = Annotated[str | None, typer.Option(
     help="int8 or int4: weight-only quantization of the decoder for inference (pip install 'refrag\\[quantize]'); "
          "none: not even when the checkpoint records a scheme",
     show_default=False)]
+AnswerAdapter = Annotated[bool, typer.Option(
+    help="run the checkpoint's answer adapter (answer_adapter/: trained for answering questions) in refrag mode; "
+         "--no-answer-adapter: the compressor alone, as the perplexity protocol reads it")]
 Threads = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: one per core; 1 when other processes keep a core busy)", show_default=False)]
 
@@ -94,6 +97,7 @@ class ModelChoice:
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
     decoder_adapter: str | None = None  # a user's LoRA adapter of the decoder (refrag.user_adapter)
     quantize: str | None = None  # "int8" / "int4" (refrag.quantize)
+    answer_adapter: bool = True  # the checkpoint's answer adapter, when it has one (refrag.checkpoint.load)
 
     def load(self, *, progress: bool = True, merge: bool = True):
         """The RefragModel (``refrag.load_model``), after ``apply_threads``."""
@@ -101,7 +105,8 @@ class ModelChoice:
 
         apply_threads(self.threads)
         return load_model(self.checkpoint, decoder=self.decoder, encoder=self.encoder, k=self.k, dtype=self.dtype,
-                          progress=progress, merge=merge, decoder_adapter=self.decoder_adapter, quantize=self.quantize)
+                          progress=progress, merge=merge, decoder_adapter=self.decoder_adapter, quantize=self.quantize,
+                          answer_adapter=self.answer_adapter)
 
     def pipeline(self, index_path, *, progress: bool = True):
         """The index at ``index_path`` with its model (unset parts taken from what built it) as a Pipeline."""
@@ -136,25 +141,28 @@ class ModelChoice:
 
 
 def model_options(*, checkpoint: bool = True, k: bool = True, dtype: bool = True, threads: bool = True,
-                  quantize: bool = True):
+                  quantize: bool = True, answer_adapter: bool = True):
     """The model-selection flags as one group (a command receives ``choice: ModelChoice``); ``k=False`` for a
     command that declares its own ``--k`` (several compression rates), ``checkpoint=False`` where ``--init``
     names the checkpoint, ``threads=False`` where another group declares ``--threads`` (training's loop),
-    ``quantize=False`` where the decoder never runs (index building encodes chunks only)."""
+    ``quantize=False`` where the decoder never runs (index building encodes chunks only); ``answer_adapter``: the
+    default of ``--answer-adapter`` (False where the compressor is measured on text: perplexity, reconstruction)."""
     params = [flag("decoder", Decoder, None), flag("decoder_adapter", DecoderAdapter, None), flag("encoder", Encoder, None)]
     params = ([flag("model", Checkpoint, None)] if checkpoint else []) + params
     params += ([flag("k", K, None)] if k else []) + ([flag("dtype", DType, "auto")] if dtype else [])
     params += [flag("threads", Threads, None)] if threads else []
     params += [flag("quantize", Quantize, None)] if dtype and quantize else []  # inference (training: no --dtype)
+    params += [flag("answer_adapter", AnswerAdapter, answer_adapter)] if dtype else []
 
     def build(model: str | None = None, decoder: str | None = None, encoder: str | None = None,
               k: int | None = None, dtype: str = "auto", threads: int | None = None,
-              decoder_adapter: str | None = None, quantize: str | None = None) -> ModelChoice:
+              decoder_adapter: str | None = None, quantize: str | None = None,
+              answer_adapter: bool = answer_adapter) -> ModelChoice:
         if quantize is not None and quantize not in ("int8", "int4", "none"):
             from refrag.errors import InputError
 
             raise InputError(f"--quantize must be int8, int4 or none (got {quantize!r}).")  # before any model loads
-        return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter, quantize)
+        return ModelChoice(model, decoder, encoder, k, dtype, threads, decoder_adapter, quantize, answer_adapter)
 
     return option_group("choice", build, tuple(params))
 

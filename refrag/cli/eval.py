@@ -29,7 +29,7 @@ Seed = Annotated[int, typer.Option("--seed", help="example selection seed")]
 
 
 @app.command("perplexity")
-@model_options(k=False)
+@model_options(k=False, answer_adapter=False)
 def perplexity_cmd(
     data: Annotated[
         list[str],
@@ -178,7 +178,7 @@ def _qa_helpers(model, index: Path | None, options, choice: ModelChoice):
 
 
 @app.command("reconstruction")
-@model_options()
+@model_options(answer_adapter=False)
 def reconstruction_cmd(
     data: Annotated[str, typer.Option(help="held-out text (.txt/.jsonl) the compressor never trained on")] =
         "../shared/data/wiki_paragraph_segmentation_en.txt",

@@ -292,6 +292,7 @@ def sft_cmd(
                                                "what CPT taught; 0: none")] = 0.0,
     replay_data: Annotated[list[str], typer.Option(help="training text of the replay windows (as `train cpt "
                                                         "--data`)")] = [TRAINING_DATA],  # noqa: B006
+    lora_rank: Annotated[int, typer.Option(help="rank of the new adapter (--learn adapter, --read text)")] = 32,
     train_encoder: TrainEncoder = True, seed: Seed = 0,
     *, loop,
 ) -> None:
@@ -316,7 +317,7 @@ def sft_cmd(
              else load_for_stage(RECIPE, init))
     typer.echo(f"sft: {len(items) - eval_examples} training rows, {eval_examples} held out", err=True)
     corpus = TokenCorpus.build(DataOptions(read_sources(replay_data)), model.tokenizer) if options.replay else None
-    result = train_sft(model, items, options, loop, replay_corpus=corpus)
+    result = train_sft(model, items, options, loop, lora_rank=lora_rank, replay_corpus=corpus)
     for key, s in sorted(result.eval.items()):
         if key == options.replay_chunks and options.replay:
             typer.echo(f"held-out text continuations ({key} chunks compressed): log-ppl {s.log_ppl:.3f}")

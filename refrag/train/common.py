@@ -3,6 +3,7 @@ loading models for a stage (checking the stage order), choosing what trains, and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,8 @@ from refrag.train.curriculum import build_curriculum, chunk_types, flat_order
 from refrag.train.data import TokenCorpus
 from refrag.train.loop import TrainOptions, TrainResult, train
 from refrag.train.objectives import StageTask
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["reconstruct", "cpt", "mixed", "policy", "sft"]
 TrainDecoder = Literal["frozen", "full", "lora"]
@@ -80,10 +83,16 @@ def check_stage_order(recipe: Recipe, init_stage: str | None) -> None:
 
 def load_for_stage(recipe: Recipe, init: str | Path | None, fresh: RefragConfig | None = None, *,
                    progress: bool = True) -> RefragModel:
-    """fp32 models for the stage: from ``init`` (a checkpoint of an allowed previous stage) or ``fresh`` parts."""
-    check_stage_order(recipe, checkpoint.CheckpointManifest.read(Path(init)).stage if init else None)
+    """fp32 models for the stage: from ``init`` (a checkpoint of an allowed previous stage) or ``fresh`` parts.
+    An answer adapter in ``init`` stays behind: it was trained for the compressor as it is, and no stage
+    continues it (``train sft --learn adapter`` trains a fresh one)."""
+    manifest = checkpoint.CheckpointManifest.read(Path(init)) if init else None
+    check_stage_order(recipe, manifest.stage if manifest else None)
     if init:
-        return checkpoint.load(init, dtype="float32", progress=progress)
+        if manifest and manifest.answer_adapter is not None:
+            log.warning("%s has an answer adapter: it is left out of this stage (no stage trains it further; the "
+                        "new checkpoint has its compressor only, or a fresh answer adapter with --learn adapter)", init)
+        return checkpoint.load(init, dtype="float32", progress=progress, answer_adapter=False)
     return checkpoint.from_config(replace(fresh or RefragConfig(), dtype="float32"), progress=progress)
 
 

@@ -93,3 +93,22 @@ def test_every_model_command_takes_the_same_model_options():
             command = command.get_command(ctx, name)  # type: ignore[union-attr]
         flags = {opt for p in command.params for opt in p.opts}
         assert {"--model", "--decoder", "--encoder", "--k", "--dtype"} <= flags, path
+
+
+def test_answer_commands_run_the_answer_adapter_and_text_measurements_do_not():
+    """--answer-adapter defaults: on where refrag mode answers questions, off where the compressor is measured on
+    text (the perplexity protocol and reconstruction read the compressor alone)."""
+    import click
+    import typer
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+    expected = {("generate",): True, ("ask",): True, ("serve",): True, ("bench", "ttft"): True, ("eval", "qa"): True,
+                ("eval", "perplexity"): False, ("eval", "reconstruction"): False}
+    for path, default in expected.items():
+        command = root
+        for name in path:
+            command = command.get_command(ctx, name)  # type: ignore[union-attr]
+        [param] = [p for p in command.params if p.name == "answer_adapter"]
+        assert param.default is default, path
+        assert "--no-answer-adapter" in param.secondary_opts, path

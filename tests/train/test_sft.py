@@ -3,6 +3,7 @@
 import csv
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -288,8 +289,11 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
     model = compressor(tmp_path / "m1")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     chunks = sft_examples(model, items(2), options)[0].chunks
+    mixed = SFTTask(sft_examples(model, items(2), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
+    inputs = model.build_inputs(mixed.layouts(model, mixed.train_rows))
     with torch.no_grad():
         vectors = model.embed_chunks(chunks)
+        compressor_logits = model.decoder_logits(inputs)
     result = train_sft(model, items(), options, loop(tmp_path / "a"))
     curve = [float(v) for _, v in losses(tmp_path / "a")]
     assert curve[-1] < curve[0]
@@ -303,10 +307,12 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
     assert (result.final_dir / "answer_adapter" / "adapter_model.safetensors").is_file()
     loaded = checkpoint.load(result.final_dir, progress=False)
     assert loaded.has_answer_adapter and loaded.chunk_scoped
-    mixed = SFTTask(sft_examples(model, items(2), options), [], options, PromptTemplate.for_tokenizer(model.tokenizer))
-    inputs = model.build_inputs(mixed.layouts(model, mixed.train_rows))
+    alone = checkpoint.load(result.final_dir, progress=False, answer_adapter=False)  # the compressor, as it was
+    assert not alone.has_answer_adapter and alone.chunk_scoped
     with torch.no_grad():
         torch.testing.assert_close(loaded.decoder_logits(inputs), model.decoder_logits(inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.decoder_logits(inputs), compressor_logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(loaded.decoder_logits(inputs), compressor_logits, atol=1e-3)  # the adapter acts
     with pytest.raises(InputError, match="answer adapter"):
         set_trainable(loaded, StageOptions(train_decoder="lora"), bf16=False)
     model2 = compressor(tmp_path / "m2")
@@ -320,3 +326,27 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
         SFTOptions(learn="adapter", replay=0.25)
     with pytest.raises(InputError, match="compressor's decoder adapter"):
         train_sft(tiny_refrag("llama"), items(), options, loop(tmp_path / "c"))
+
+
+def test_a_stage_started_from_an_answer_adapter_checkpoint_leaves_the_adapter_behind(tmp_path, caplog):
+    """`--init` of a checkpoint with an answer adapter: the stage loads its compressor only (with a warning), so
+    the compressor trains further and `--learn adapter` starts a fresh answer adapter."""
+    from conftest import with_trained_lora
+
+    from refrag import checkpoint
+    from refrag.train.common import StageOptions, load_for_stage, set_trainable
+    from refrag.train.sft import RECIPE
+
+    model = with_trained_lora(tmp_path / "m")
+    model.encoder.save(tmp_path / "m" / "enc")
+    model.config = replace(model.config, encoder=str(tmp_path / "m" / "enc"), extra={"stage": "sft"})
+    model.set_adapter_scope("chunks")
+    model.add_answer_adapter(4)
+    folder = checkpoint.save(model, tmp_path / "ckpt")
+    with caplog.at_level("WARNING"):
+        again = load_for_stage(RECIPE, folder, progress=False)
+    assert "answer adapter" in caplog.text
+    assert again.has_adapter and not again.has_answer_adapter
+    set_trainable(again, StageOptions(train_decoder="lora"), bf16=False)  # no refusal: the compressor trains on
+    again.add_answer_adapter(4)
+    assert again.has_answer_adapter

@@ -233,12 +233,12 @@ class ChunkScope:
 
     def install(self, decoder: nn.Module) -> None:
         """Hook every ``lora_B`` of the compressor's adapter in ``decoder`` (an answer adapter beside it runs at
-        every position; an adapter loaded later needs another ``install``)."""
+        every position; an adapter loaded later needs another ``install``; a second decoder, the merged copy of
+        ``RefragModel.merge_adapter``, adds its hooks to these)."""
         from peft.tuners.lora import LoraLayer
 
-        self.remove()
-        self._handles = [m.lora_B[COMPRESSOR_ADAPTER].register_forward_hook(self._hook) for m in decoder.modules()
-                         if isinstance(m, LoraLayer) and COMPRESSOR_ADAPTER in m.lora_B]
+        self._handles += [m.lora_B[COMPRESSOR_ADAPTER].register_forward_hook(self._hook) for m in decoder.modules()
+                          if isinstance(m, LoraLayer) and COMPRESSOR_ADAPTER in m.lora_B]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -536,20 +536,47 @@ class RefragModel(nn.Module):
 
     def set_adapter_scope(self, scope: AdapterScope) -> None:
         """Where the decoder adapter applies in compressed inputs (recorded in the config, so checkpoints keep it)."""
+        changed = scope != self.config.adapter_scope
         self.config = replace(self.config, adapter_scope=scope)
         self.chunk_scope.remove()
+        if changed or self.chunk_scoped:
+            self.merged_decoder = None  # merged for another scope, or its hooks are gone: merge_adapter again
         if self.chunk_scoped:
             self.chunk_scope.install(self.decoder)
-            self.merged_decoder = None  # a merged copy would apply the adapter at every position
 
     def merge_adapter(self) -> None:
         """Inference speed-up: a second copy of the decoder with the adapter merged into its weights, used for
         compressed inputs. An unmerged LoRA adds ~400 small matmuls to every forward (on 2 CPU cores +0.06-0.1 s
         per prefill and +15 ms per token, docs/bench/ttft.md). Costs one more decoder's memory; for inference
-        only (the copy does not follow further training of the adapter). Not for a chunk-scoped adapter: its
-        prefill needs both the original and the adapted weights."""
-        if self.has_adapter and not self.chunk_scoped and self.merged_decoder is None:
+        only (the copy does not follow further training of the adapter). A chunk-scoped adapter's prefill needs
+        both the original and the adapted weights, so it stays unmerged; an answer adapter beside it is what
+        merges (``_merged_answer_copy``)."""
+        if self.merged_decoder is not None or not self.has_adapter:
+            return
+        if not self.chunk_scoped:
             self.merged_decoder = copy.deepcopy(self.decoder).merge_and_unload().requires_grad_(False).eval()
+        elif self.has_answer_adapter:
+            self.merged_decoder = self._merged_answer_copy()
+
+    def _merged_answer_copy(self) -> PreTrainedModel:
+        """A copy of the decoder whose base weights hold the answer adapter (W + scale B A, the adapter then
+        deleted) and whose compressor adapter stays a chunk-scoped LoRA: a compressed prefill costs one LoRA
+        instead of two, and decoding (text: no compressor update) runs with no LoRA at all."""
+        from peft.tuners.lora import LoraLayer
+
+        self.chunk_scope.remove()  # hooks must not be deep-copied (they would point at a copy of the scope)
+        merged = copy.deepcopy(self.decoder)
+        self.chunk_scope.install(self.decoder)
+        with torch.no_grad():
+            for m in merged.modules():
+                if isinstance(m, LoraLayer) and ANSWER_ADAPTER in m.lora_B:
+                    base = m.get_base_layer().weight
+                    base += m.get_delta_weight(ANSWER_ADAPTER).to(base.dtype)
+        merged.delete_adapter(ANSWER_ADAPTER)
+        merged.base_model.set_adapter(COMPRESSOR_ADAPTER)
+        merged.requires_grad_(False).eval()
+        self.chunk_scope.install(merged)
+        return merged
 
     @contextlib.contextmanager
     def decoder_for(self, compressed: bool, vector_mask: torch.Tensor | None = None, *,
@@ -561,11 +588,15 @@ class RefragModel(nn.Module):
         its compressed calls; ``decoding``: cached steps over new tokens (text), which then run the original
         decoder, or beside an answer adapter (``add_answer_adapter``) the decoder with it."""
         if self.chunk_scoped:
+            merged = self.merged_decoder  # the answer adapter merged in (merge_adapter), or None
             if compressed and not decoding:
                 if vector_mask is None:
                     raise InputError("a chunk-scoped adapter needs the call's vector_mask (DecoderInputs.vector_mask).")
                 with self.chunk_scope.active(vector_mask):
-                    yield self.decoder
+                    yield merged if merged is not None else self.decoder
+            elif compressed and merged is not None:  # decoded tokens: the merged answer adapter, no LoRA
+                with merged.disable_adapter():
+                    yield merged
             elif compressed and self.has_answer_adapter:  # decoded tokens: the answer adapter runs on them too
                 with self.chunk_scope.text_only():
                     yield self.decoder

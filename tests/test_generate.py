@@ -172,16 +172,21 @@ def test_non_finite_vectors_or_weights_are_an_error_not_an_empty_answer():
         generate(model, [request], compression=CompressionOptions(mode="full"), sampling=SamplingOptions(max_new_tokens=2))
 
 
-def _recomputed_greedy(model, answer) -> list[int]:
-    """The greedy pick after every answer prefix, by ONE uncached forward over prompt + answer (compressed)."""
-    from refrag.modeling import Layout
-
+def _prompt_layout(model):
+    """The compressed prompt of ``_request`` (every chunk a vector)."""
     template = PromptTemplate.for_tokenizer(model.tokenizer)
     request = _request(model).with_encodings(model)
     with torch.no_grad():
         vectors = model.project(torch.cat(list(request.encoded)))
-    prompt = rag_layout(model, template, template.question_ids(model.tokenizer, request.question), request.passages,
-                        vectors, set())
+    return rag_layout(model, template, template.question_ids(model.tokenizer, request.question), request.passages,
+                      vectors, set())
+
+
+def _recomputed_greedy(model, answer) -> list[int]:
+    """The greedy pick after every answer prefix, by ONE uncached forward over prompt + answer (compressed)."""
+    from refrag.modeling import Layout
+
+    prompt = _prompt_layout(model)
     tail = torch.tensor(list(answer[:-1]))
     whole = Layout(torch.cat([prompt.token_ids, tail]), torch.cat([prompt.is_vector, torch.zeros_like(tail, dtype=torch.bool)]),
                    prompt.vectors)
@@ -222,3 +227,12 @@ def test_answer_adapter_decoding_equals_recomputing_the_whole_sequence():
     assert answer != without
     assert generate(model, [_request(model)], compression=FULL, sampling=sampling)[0].token_ids == plain_full
     assert _recomputed_greedy(model, answer) == list(answer)
+    model.merge_adapter()  # the answer adapter merged into a copy's weights, the compressor's kept chunk-scoped
+    assert model.merged_decoder is not None
+    assert generate(model, [_request(model)], sampling=sampling)[0].token_ids == answer
+    assert generate(model, [_request(model)], compression=FULL, sampling=sampling)[0].token_ids == plain_full
+    inputs = model.build_inputs([_prompt_layout(model)])
+    with torch.no_grad():
+        merged = model.decoder_logits(inputs)
+        model.merged_decoder = None
+        torch.testing.assert_close(merged, model.decoder_logits(inputs), atol=1e-4, rtol=1e-4)

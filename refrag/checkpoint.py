@@ -42,6 +42,9 @@ CHECKPOINT = ManifestKind("refrag.json", "refrag-checkpoint", 1, "refrag checkpo
 MANIFEST = CHECKPOINT.filename
 ADAPTER = "decoder_adapter"  # LoRA adapter of the decoder (peft format), when training made one
 ANSWER = "answer_adapter"  # an answer adapter trained on top of the frozen compressor (RefragModel.add_answer_adapter)
+# config.extra key of a checkpoint with an answer adapter: the stage that trained its (frozen) compressor, which is
+# what a further stage starts from (the answer adapter is left behind: refrag.train.common.load_for_stage)
+COMPRESSOR_STAGE = "compressor_stage"
 POLICY = "policy"  # a learned expansion policy (refrag.learned_policy), when one was trained
 PROJECTOR = "projector.safetensors"
 RESTORE = "Restore the checkpoint folder from where it came, or re-save / re-export the model."
@@ -83,6 +86,12 @@ class CheckpointManifest:
     def stage(self) -> str | None:
         """The training stage that wrote it (None for an untrained one)."""
         return self.config.extra.get("stage")
+
+    @property
+    def compressor_stage(self) -> str | None:
+        """The stage that trained its compressor: ``stage``, unless an answer adapter was trained on top of a
+        frozen compressor (``train sft --learn adapter``), which records the compressor's own stage."""
+        return self.config.extra.get(COMPRESSOR_STAGE, self.stage)
 
     def to_json(self) -> dict:
         config = asdict(self.config)

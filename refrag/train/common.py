@@ -87,12 +87,15 @@ def load_for_stage(recipe: Recipe, init: str | Path | None, fresh: RefragConfig 
     An answer adapter in ``init`` stays behind: it was trained for the compressor as it is, and no stage
     continues it (``train sft --learn adapter`` trains a fresh one)."""
     manifest = checkpoint.CheckpointManifest.read(Path(init)) if init else None
-    check_stage_order(recipe, manifest.stage if manifest else None)
+    check_stage_order(recipe, manifest.compressor_stage if manifest else None)  # what continues: the compressor
     if init:
+        model = checkpoint.load(init, dtype="float32", progress=progress, answer_adapter=False)
         if manifest and manifest.answer_adapter is not None:
             log.warning("%s has an answer adapter: it is left out of this stage (no stage trains it further; the "
                         "new checkpoint has its compressor only, or a fresh answer adapter with --learn adapter)", init)
-        return checkpoint.load(init, dtype="float32", progress=progress, answer_adapter=False)
+            extra = {k: v for k, v in model.config.extra.items() if k != checkpoint.COMPRESSOR_STAGE}
+            model.config = replace(model.config, extra={**extra, "stage": manifest.compressor_stage})
+        return model
     return checkpoint.from_config(replace(fresh or RefragConfig(), dtype="float32"), progress=progress)
 
 

@@ -34,6 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from refrag.checkpoint import COMPRESSOR_STAGE
 from refrag.chunking import Passage, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, check_choice, check_fraction
 from refrag.errors import InputError
@@ -258,6 +259,9 @@ def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, 
         model.projector.requires_grad_(False)
     if adapter_only:
         model.add_answer_adapter(lora_rank)
+        extra = model.config.extra  # the compressor's stage stays on record: later stages continue from it
+        if "stage" in extra:
+            model.config = replace(model.config, extra={**extra, COMPRESSOR_STAGE: extra["stage"]})
     examples = sft_examples(model, items, options)
     cut = len(examples) - options.eval_examples
     replay = replay_task(replay_corpus, model.k, options) if options.replay and replay_corpus is not None else None

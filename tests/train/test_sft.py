@@ -282,6 +282,7 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
         model = with_trained_lora(folder)
         model.encoder.save(folder / "enc")  # in a folder, so the checkpoint can reference the frozen encoder
         model.config.encoder = str(folder / "enc")
+        model.config.extra = {"stage": "cpt"}
         model.set_adapter_scope("chunks")
         return model
 
@@ -305,6 +306,8 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
     text = model.build_inputs([model.layout([[2, 5, 6, 7, 8]])])
     torch.testing.assert_close(model.decoder_logits(text), tiny_refrag("llama").decoder_logits(text))  # full mode
     assert (result.final_dir / "answer_adapter" / "adapter_model.safetensors").is_file()
+    manifest = checkpoint.CheckpointManifest.read(result.final_dir)
+    assert (manifest.stage, manifest.compressor_stage) == ("sft", "cpt")  # the compressor is still the cpt one
     loaded = checkpoint.load(result.final_dir, progress=False)
     assert loaded.has_answer_adapter and loaded.chunk_scoped
     alone = checkpoint.load(result.final_dir, progress=False, answer_adapter=False)  # the compressor, as it was
@@ -329,20 +332,25 @@ def test_the_answer_adapter_trains_beside_a_frozen_compressor_resumes_and_reload
 
 
 def test_a_stage_started_from_an_answer_adapter_checkpoint_leaves_the_adapter_behind(tmp_path, caplog):
-    """`--init` of a checkpoint with an answer adapter: the stage loads its compressor only (with a warning), so
+    """`--init` of a checkpoint with an answer adapter: the stage loads its compressor only (with a warning) and
+    continues from the compressor's stage (a cpt compressor with an answer adapter still starts cpt or policy), so
     the compressor trains further and `--learn adapter` starts a fresh answer adapter."""
     from conftest import with_trained_lora
 
     from refrag import checkpoint
+    from refrag.train import cpt, policy
     from refrag.train.common import StageOptions, load_for_stage, set_trainable
     from refrag.train.sft import RECIPE
 
     model = with_trained_lora(tmp_path / "m")
     model.encoder.save(tmp_path / "m" / "enc")
-    model.config = replace(model.config, encoder=str(tmp_path / "m" / "enc"), extra={"stage": "sft"})
+    model.config = replace(model.config, encoder=str(tmp_path / "m" / "enc"),
+                           extra={"stage": "sft", "compressor_stage": "cpt"})
     model.set_adapter_scope("chunks")
     model.add_answer_adapter(4)
     folder = checkpoint.save(model, tmp_path / "ckpt")
+    for recipe in (cpt.RECIPE, policy.RECIPE):
+        assert load_for_stage(recipe, folder, progress=False).config.extra == {"stage": "cpt"}
     with caplog.at_level("WARNING"):
         again = load_for_stage(RECIPE, folder, progress=False)
     assert "answer adapter" in caplog.text

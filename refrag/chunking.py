@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from refrag.config import ChunkingOptions
@@ -31,6 +31,7 @@ class Chunk:
 
     token_ids: tuple[int, ...]
     text: str
+    passage: int = 0  # which passage of its request it belongs to (numbered by request_chunks; 0 on its own)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class Passage:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def request_chunks(passages: Sequence[Passage]) -> list[Chunk]:
+    """Every chunk of every passage, in order, each numbered with its passage (the L chunks a policy chooses
+    from: a passage-aware policy reads the numbers)."""
+    return [replace(c, passage=j) for j, p in enumerate(passages) for c in p.chunks]
 
 
 def chunk_token_ids(token_ids: Sequence[int], tokenizer: Tokenizer, k: int) -> tuple[Chunk, ...]:

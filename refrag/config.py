@@ -16,7 +16,7 @@ Pooling = Literal["mean", "cls", "last", "memory"]  # text encoders: mean / cls;
 # where the compressor's decoder adapter applies in a compressed input: every position, or the chunk vectors' only
 AdapterScope = Literal["sequence", "chunks"]
 PolicyName = Literal[
-    "none", "first", "last", "random", "similarity", "lexical", "perplexity-desc", "perplexity-asc", "learned"
+    "none", "first", "last", "random", "similarity", "lexical", "lexical-passage", "perplexity-desc", "perplexity-asc", "learned"
 ]  # which chunks stay raw (refrag.policy; "learned": the checkpoint's trained policy, refrag.learned_policy)
 
 DEFAULT_DECODER = "smollm2-135m"

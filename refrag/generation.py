@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from refrag.chunking import Chunk, Passage, split_passages
+from refrag.chunking import Chunk, Passage, request_chunks, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, SamplingOptions
 from refrag.errors import CheckpointError, InputError
 from refrag.modeling import DecoderInputs, Layout, RefragModel
@@ -57,8 +57,8 @@ class Request:
 
     @property
     def chunks(self) -> list[Chunk]:
-        """Every chunk of every passage, in order (the L chunks a policy chooses from)."""
-        return [c for p in self.passages for c in p.chunks]
+        """Every chunk of every passage, in order, numbered by passage (the L chunks a policy chooses from)."""
+        return request_chunks(self.passages)
 
 
 @dataclass(frozen=True)

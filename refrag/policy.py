@@ -6,8 +6,9 @@ policy, in score order, so every policy spends the same positions and a token bu
 
 Policies (``PolicyName``): ``none`` (nothing raw), ``first`` / ``last`` (position), ``random`` (seeded, the paper's
 RAND), ``similarity`` (cosine of chunk and question encodings), ``lexical`` (BM25 of the question's terms over the
-request's chunks), ``perplexity-desc`` / ``perplexity-asc`` (the chunk's token perplexity under the decoder,
-highest / lowest first: the paper's Fig. 3 baselines), ``learned`` (the checkpoint's trained network,
+request's chunks), ``lexical-passage`` (BM25 over whole passages picks the passage, then its chunks by their own),
+``perplexity-desc`` / ``perplexity-asc`` (the chunk's token perplexity under the decoder, highest / lowest first:
+the paper's Fig. 3 baselines), ``learned`` (the checkpoint's trained network,
 ``refrag.learned_policy``). Any object with a ``scores`` method plugs in at the same seam.
 """
 
@@ -107,6 +108,27 @@ class LexicalPolicy:
 
 
 @dataclass(frozen=True)
+class PassageLexicalPolicy:
+    """BM25 picks the passage, then its chunks: passages ranked by BM25 of the question over their whole text (a
+    16-token chunk is too short for term statistics to tell the answer's passage from a distractor), all chunks
+    of the best passage before any of the next one's, and within a passage by the chunk's own BM25. One passage
+    (plain text): the same order as ``lexical``. Reads ``Chunk.passage`` (``request_chunks`` numbers them)."""
+
+    k1: float = 1.2
+    b: float = 0.75
+
+    def scores(self, chunks, encodings, question) -> list[float]:
+        question = need_question(question, "lexical-passage")
+        ids = sorted({c.passage for c in chunks})
+        texts = ["".join(c.text for c in chunks if c.passage == j) for j in ids]
+        by_passage = dict(zip(ids, BM25(texts, self.k1, self.b).scores(question)))
+        rank = {j: r for r, j in enumerate(sorted(ids, key=lambda j: (-by_passage[j], j)))}
+        own = BM25([c.text for c in chunks], self.k1, self.b).scores(question)
+        top = max(own, default=0.0) or 1.0
+        return [s / top - 2.0 * rank[c.passage] for c, s in zip(chunks, own)]  # in [0, 1] within a passage
+
+
+@dataclass(frozen=True)
 class PerplexityPolicy:
     """Chunks by their tokens' perplexity under the decoder, each chunk read alone (so it is one float per chunk,
     computable at index time): ``descending`` expands the hardest-to-predict chunks first."""
@@ -148,6 +170,8 @@ def make_policy(name: PolicyName, *, seed: int = 0, model: RefragModel | None = 
         return RandomPolicy(seed)
     if name == "lexical":
         return LexicalPolicy()
+    if name == "lexical-passage":
+        return PassageLexicalPolicy()
     if name == "learned":
         if model is None or model.policy_network is None:
             raise InputError("this checkpoint has no learned policy: train one with `refrag train policy --init "

@@ -1,5 +1,6 @@
 """Selective expansion: the heuristic policies, the budget, and the one seam a learned policy plugs into."""
 
+from dataclasses import replace
 from typing import get_args
 
 import pytest
@@ -14,6 +15,7 @@ from refrag.policy import (
     Budget,
     ExpansionPolicy,
     LexicalPolicy,
+    PassageLexicalPolicy,
     RandomPolicy,
     choose_expanded,
     chunk_nll,
@@ -51,6 +53,36 @@ def test_similarity_picks_the_chunk_closest_to_the_question():
         make_policy("similarity", model=model).scores(CHUNKS, None, "q")
     with pytest.raises(InputError, match="question"):
         make_policy("similarity", model=model).scores(CHUNKS, enc, None)
+
+
+def test_lexical_passage_spends_the_budget_on_the_best_passage_first():
+    """A distractor chunk with the question's rarest term beats every chunk of the answer's passage under chunk
+    BM25; over whole passages the answer's passage wins, and its chunks are kept before the distractor's."""
+    from refrag.chunking import make_passage
+
+    tok = type("T", (), {"decode": staticmethod(lambda ids, skip_special_tokens=True: TEXTS[ids[0]])})()
+    TEXTS = ["Marie Curie was a chemist.", "She won the Nobel prize in physics", "in 1903 and again later.",
+             "A prize for poetry.", "Nothing else here."]
+    passages = [make_passage([3, 4], tok, 1), make_passage([0, 1, 2], tok, 1)]  # the distractor comes first
+    request = Request("When did Marie Curie win the Nobel prize?", tuple(passages))
+    assert [c.passage for c in request.chunks] == [0, 0, 1, 1, 1]
+    question = request.question
+    only_chunks = LexicalPolicy().scores(request.chunks, None, question)
+    scores = PassageLexicalPolicy().scores(request.chunks, None, question)
+    assert _top(only_chunks, 3) != {2, 3, 4} and _top(scores, 3) == {2, 3, 4}
+    assert min(scores[2:]) > max(scores[:2])  # the whole best passage first
+    alone = [replace(c, passage=0) for c in request.chunks]  # one passage: lexical's order
+    assert _order(PassageLexicalPolicy().scores(alone, None, question)) == _order(LexicalPolicy().scores(alone, None, question))
+    with pytest.raises(InputError, match="question"):
+        PassageLexicalPolicy().scores(request.chunks, None, None)
+
+
+def _top(scores, n):
+    return set(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:n])
+
+
+def _order(scores):
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
 def test_lexical_ranks_the_chunk_with_the_rare_question_terms_first():

@@ -41,7 +41,7 @@ from refrag.policy import Budget, expansion_count, make_policy, select
 
 log = logging.getLogger(__name__)
 TEXT_POLICIES: tuple[PolicyName, ...] = tuple(
-    p for p in get_args(PolicyName) if p not in ("none", "similarity", "lexical")
+    p for p in get_args(PolicyName) if p not in ("none", "similarity", "lexical", "lexical-passage")
 )  # the policies that need no question
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from refrag.checkpoint import COMPRESSOR_STAGE
-from refrag.chunking import Passage, split_passages
+from refrag.chunking import Chunk, Passage, request_chunks, split_passages
 from refrag.config import ChunkingOptions, CompressionOptions, PolicyName, check_choice, check_fraction
 from refrag.errors import InputError
 from refrag.modeling import Layout, RefragModel, mean_nll
@@ -52,7 +52,7 @@ TEXT_STAGE = "sft-text"  # the baseline's checkpoints: a text adapter, never the
 Target = Literal["teacher", "gold"]
 Read = Literal["compressed", "text"]
 Learn = Literal["compressor", "adapter"]
-ENCODING_FREE_POLICIES = ("none", "first", "last", "random", "lexical")  # need no chunk encodings, no model
+ENCODING_FREE_POLICIES = ("none", "first", "last", "random", "lexical", "lexical-passage")  # need no chunk encodings, no model
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,8 @@ class SFTExample:
         return tuple(t for p in self.passages for t in p.token_ids)
 
     @property
-    def chunks(self) -> list:
-        return [c for p in self.passages for c in p.chunks]
+    def chunks(self) -> list[Chunk]:
+        return request_chunks(self.passages)
 
 
 @dataclass

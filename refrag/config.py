@@ -16,7 +16,8 @@ Pooling = Literal["mean", "cls", "last", "memory"]  # text encoders: mean / cls;
 # where the compressor's decoder adapter applies in a compressed input: every position, or the chunk vectors' only
 AdapterScope = Literal["sequence", "chunks"]
 PolicyName = Literal[
-    "none", "first", "last", "random", "similarity", "lexical", "lexical-passage", "perplexity-desc", "perplexity-asc", "learned"
+    "none", "first", "last", "random", "similarity", "lexical", "lexical-passage", "perplexity-desc", "perplexity-asc",
+    "learned",
 ]  # which chunks stay raw (refrag.policy; "learned": the checkpoint's trained policy, refrag.learned_policy)
 
 DEFAULT_DECODER = "smollm2-135m"
@@ -68,6 +69,12 @@ class ChunkingOptions:
             )
 
 
+# What `ask`, `generate`, `serve` and CompressionOptions use when no policy / budget is given: the best refrag rows
+# on held-out NQ at a tenth of the chunks raw (docs/policies.md, 2026-12-06).
+DEFAULT_POLICY: PolicyName = "lexical-passage"
+DEFAULT_EXPAND_FRACTION = 0.1
+
+
 @dataclass(frozen=True)
 class CompressionOptions:
     """Which context chunks the decoder reads as vectors and which as raw tokens."""
@@ -75,7 +82,7 @@ class CompressionOptions:
     mode: Mode = "refrag"  # "full": every chunk as tokens (plain RAG); "refrag": compressed
     expand_fraction: float = 0.0  # p: fraction of chunks kept as raw tokens in refrag mode
     expand_tokens: int | None = None  # or: at most this many decoder positions spent on raw chunks
-    policy: PolicyName = "lexical"  # which chunks to keep raw (refrag.policy); used when a budget is given
+    policy: PolicyName = DEFAULT_POLICY  # which chunks to keep raw (refrag.policy); used when a budget is given
     seed: int = 0  # for policy="random"
 
     def __post_init__(self) -> None:

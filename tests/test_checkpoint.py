@@ -196,6 +196,8 @@ def test_the_shipped_checkpoint_is_what_the_default_names_load(manifest_path):
     assert checkpoint.shipped_checkpoint(config.k) == manifest_path.parent
     assert config.dtype == "bfloat16"  # exported (`refrag train export`), not a training snapshot
     assert config.adapter_scope == "chunks"  # text positions run the original decoder (docs/training.md)
+    manifest = CheckpointManifest.read(manifest_path.parent)  # a further stage starts from its compressor's stage
+    assert manifest.compressor_stage in ("cpt", "mixed") and (manifest.answer_adapter is None) == (manifest.stage != "sft")
 
 
 def test_the_default_k_ships_and_other_ks_fall_back_to_fresh_parts():

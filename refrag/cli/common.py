@@ -16,7 +16,14 @@ from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 
-from refrag.config import DEFAULT_DECODER, DEFAULT_ENCODER, DEFAULT_K, PolicyName
+from refrag.config import (
+    DEFAULT_DECODER,
+    DEFAULT_ENCODER,
+    DEFAULT_EXPAND_FRACTION,
+    DEFAULT_K,
+    DEFAULT_POLICY,
+    PolicyName,
+)
 from refrag.relevance import HitFilter
 
 T = TypeVar("T")
@@ -180,16 +187,13 @@ def comma_list(spec: str, convert: Callable[[str], T], option: str) -> tuple[T, 
     return tuple(items)
 
 
-DEFAULT_POLICY, DEFAULT_FRACTION = "lexical", 0.1  # best refrag row on held-out NQ (docs/policies.md)
-
-
 @dataclass(frozen=True)
 class ExpansionChoice:
     """Which chunks stay raw tokens in refrag mode: a policy and a budget (a fraction of the chunks, or decoder
     positions)."""
 
     policy: str = DEFAULT_POLICY
-    fraction: float = DEFAULT_FRACTION
+    fraction: float = DEFAULT_EXPAND_FRACTION
     tokens: int | None = None
 
     def compression(self, mode: str):
@@ -200,10 +204,10 @@ class ExpansionChoice:
                                   expand_tokens=self.tokens)
 
 
-def expansion_options(*, policy: str = DEFAULT_POLICY, fraction: float = DEFAULT_FRACTION):
+def expansion_options(*, policy: str = DEFAULT_POLICY, fraction: float = DEFAULT_EXPAND_FRACTION):
     """``--policy / --expand-fraction / --expand-tokens`` as one group (the command receives
-    ``expansion: ExpansionChoice``). The default (lexical, 10% of the chunks raw) measured best on held-out NQ
-    at 23% of full mode's decoder positions; ``--policy none`` is plain REFRAG."""
+    ``expansion: ExpansionChoice``). The default (lexical-passage, 10% of the chunks raw) measured best on
+    held-out NQ at 25% of full mode's decoder positions; ``--policy none`` is plain REFRAG."""
     params = (
         flag("policy", Annotated[str, typer.Option(
             help=f"which chunks stay raw tokens in refrag mode: {', '.join(get_args(PolicyName))}")], policy),

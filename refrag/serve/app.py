@@ -24,7 +24,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from refrag.config import CompressionOptions, SamplingOptions, check_question
+from refrag.config import (
+    DEFAULT_EXPAND_FRACTION,
+    DEFAULT_POLICY,
+    CompressionOptions,
+    SamplingOptions,
+    check_question,
+)
 from refrag.errors import InputError, RefragError
 from refrag.relevance import HitFilter
 from refrag.serve.engine import Delta, Done, Engine, Failed, Job, QueueFull, ShuttingDown
@@ -39,8 +45,8 @@ class ServeOptions:
     timeout_s: float = 120.0  # per request, queueing included (504 after)
     default_max_tokens: int = 64
     max_tokens_cap: int = 512
-    default_policy: str = "lexical"
-    default_fraction: float = 0.1
+    default_policy: str = DEFAULT_POLICY
+    default_fraction: float = DEFAULT_EXPAND_FRACTION
     retry_after_s: int = 1
 
 

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 
 from refrag.checkpoint import save
 from refrag.cli import app
+from refrag.config import DEFAULT_POLICY
 
 runner = CliRunner()
 
@@ -31,7 +32,7 @@ def test_generate_json(checkpoint, context, mode):
     assert data["mode"] == mode and data["timings"]["ttft_s"] > 0
     assert data["compression"] == (1.0 if mode == "full" else pytest.approx(data["context_tokens"] / data["context_positions"]))
     if mode == "refrag":
-        assert data["policy"] == "lexical" and data["expanded_chunks"]  # the default: 10% of the chunks raw
+        assert data["policy"] == DEFAULT_POLICY and data["expanded_chunks"]  # the default: 10% of the chunks raw
         plain = runner.invoke(app, ["generate", "-c", str(context), "-q", "What is the capital?", "--policy", "none",
                                     "--model", str(checkpoint), "--dtype", "float32", "--max-new-tokens", "2", "--json"])
         assert json.loads(plain.stdout)["compression"] > 3 > data["compression"]

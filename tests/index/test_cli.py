@@ -16,6 +16,7 @@ from refrag import checkpoint
 from refrag.cli import ask as ask_cli
 from refrag.cli import index as cli
 from refrag.cli.common import ModelChoice
+from refrag.config import DEFAULT_POLICY
 from refrag.errors import CheckpointError, InputError
 from refrag.index import Index
 
@@ -56,7 +57,7 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
     text = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "both",
                "--max-new-tokens", 2)
     assert "[full]" in text and "[refrag]" in text and "TTFT full / refrag" in text and "[1]" in text
-    assert "raw chunks (lexical): " in text  # the default: lexical, 10% of the chunks raw
+    assert f"raw chunks ({DEFAULT_POLICY}): " in text  # the default policy, 10% of the chunks raw
     plain = run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--policy", "none", "--max-new-tokens", 2)
     assert "raw chunks (none): none (every chunk compressed)" in plain
     raw = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--policy", "lexical",

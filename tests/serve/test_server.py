@@ -16,6 +16,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from refrag import generation
+from refrag.config import DEFAULT_POLICY
 from refrag.serve.app import ServeOptions
 from refrag.serve.engine import Engine, EngineOptions, Job, QueueFull
 from refrag.serve.local import free_port, local_server
@@ -47,7 +48,7 @@ def test_chat_completion_with_the_openai_client(url):
     assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
     extra = r.model_extra["refrag"]
-    assert extra["positions_saved"] > 0 and extra["timings"]["ttft_s"] > 0 and extra["policy"] == "lexical"
+    assert extra["positions_saved"] > 0 and extra["timings"]["ttft_s"] > 0 and extra["policy"] == DEFAULT_POLICY
     full = client(url).chat.completions.create(model="refrag", messages=[{"role": "user", "content": "Where?"}],
                                                max_tokens=4, extra_body={"passages": PASSAGES, "mode": "full"})
     assert full.model_extra["refrag"]["positions_saved"] == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from refrag.config import ChunkingOptions
@@ -31,7 +31,9 @@ class Chunk:
 
     token_ids: tuple[int, ...]
     text: str
-    passage: int = 0  # which passage of its request it belongs to (numbered by request_chunks; 0 on its own)
+    # which passage of its request it belongs to (numbered by request_chunks; 0 on its own): a label, not part of
+    # its identity (equal tokens and text are the same chunk, e.g. for memoized encodings)
+    passage: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)

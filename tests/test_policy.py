@@ -66,6 +66,7 @@ def test_lexical_passage_spends_the_budget_on_the_best_passage_first():
     passages = [make_passage([3, 4], tok, 1), make_passage([0, 1, 2], tok, 1)]  # the distractor comes first
     request = Request("When did Marie Curie win the Nobel prize?", tuple(passages))
     assert [c.passage for c in request.chunks] == [0, 0, 1, 1, 1]
+    assert request.chunks[2] == passages[1].chunks[0]  # the number labels a chunk, it does not change it
     question = request.question
     only_chunks = LexicalPolicy().scores(request.chunks, None, question)
     scores = PassageLexicalPolicy().scores(request.chunks, None, question)

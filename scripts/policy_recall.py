@@ -21,7 +21,6 @@ joined first).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -30,6 +29,7 @@ from refrag.config import ChunkingOptions, CompressionOptions
 from refrag.eval.metrics import contains_answer
 from refrag.eval.qa import QAExample, gold_passages, load_qa
 from refrag.generation import Request
+from refrag.io import read_jsonl
 from refrag.models import resolve
 from refrag.policy import choose_expanded
 
@@ -47,12 +47,14 @@ def kept_text(request: Request, kept: set[int]) -> str:
 
 
 def requests(args, tokenizer) -> list[tuple[QAExample, Request]]:
-    examples = [e for e in load_qa(args.data, limit=args.limit, seed=args.seed) if e.answers[0] != "unknown"]
+    """Each question with its passages as `eval qa` drew them (distractors from every loaded row, so the draw
+    matches); rows answered "unknown" (disfl-QA) and left-out questions are skipped afterwards."""
+    examples = load_qa(args.data, limit=args.limit, seed=args.seed)
     left_out = ({e.question for e in load_qa(args.data, limit=args.exclude_limit, seed=args.exclude_seed)}
                 if getattr(args, "exclude_limit", None) else set())
     return [(e, Request.from_texts(e.question, gold_passages(examples, i, args.passages, args.seed), tokenizer,
                                    ChunkingOptions(k=args.k)))
-            for i, e in enumerate(examples) if e.question not in left_out]
+            for i, e in enumerate(examples) if e.question not in left_out and e.answers[0] != "unknown"]
 
 
 def inside(example: QAExample, request: Request, kept: set[int]) -> bool:
@@ -60,8 +62,8 @@ def inside(example: QAExample, request: Request, kept: set[int]) -> bool:
 
 
 def run_recall(args, pairs) -> None:
-    rows = [json.loads(line) for line in (args.run / "examples.jsonl").read_text().splitlines() if line.strip()]
-    rows = {r["question"]: r for r in rows if r["mode"] == args.mode}
+    rows = read_jsonl(args.run / "examples.jsonl", "not a folder written by `refrag eval qa --out`")
+    rows = {r["question"]: r for _, r in rows if r["mode"] == args.mode}
     if not rows:
         raise SystemExit(f"{args.run}/examples.jsonl has no rows of mode {args.mode!r}")
     hits, anywhere, correct = [], [], {True: [], False: []}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -475,6 +476,53 @@ class RefragModel(nn.Module):
         with quiet_peft():
             self.decoder = get_peft_model(self.decoder, _decoder_lora(rank), autocast_adapter_dtype=False)
         self.set_adapter_scope(self.config.adapter_scope)
+
+    @property
+    def adapter_rank(self) -> int | None:
+        """Rank of the compressor's decoder adapter (None: no adapter)."""
+        return self.decoder.peft_config[COMPRESSOR_ADAPTER].r if self.has_adapter else None
+
+    def widen_adapter(self, rank: int) -> None:
+        """Grow the compressor's decoder adapter to ``rank`` without changing what the model computes: each
+        layer's A gains fresh rows (peft's init), B zero columns, and alpha grows with the rank (the scale
+        alpha / r stays), so B A x is unchanged until the new directions train: more capacity to read chunk
+        vectors for a CPT that has flattened at the adapter's rank (docs/training.md)."""
+        from peft.tuners.lora import LoraLayer
+
+        current = self.adapter_rank
+        if current is None:
+            raise InputError("this model has no decoder adapter to widen: add one with --train-decoder lora.")
+        if self.has_answer_adapter:
+            raise InputError("widen the compressor's adapter before an answer adapter is trained on it.")
+        if rank < current:
+            raise InputError(f"the decoder adapter has rank {current}: it can be widened, not narrowed "
+                             f"(got --lora-rank {rank}).")
+        if rank == current:
+            return
+        name = COMPRESSOR_ADAPTER
+        config = self.decoder.peft_config[name]
+        if (config.rank_pattern or config.alpha_pattern or config.use_rslora or config.lora_bias
+                or config.lora_alpha * rank % current):
+            raise InputError(f"this decoder adapter (per-layer ranks, rsLoRA, biases, or alpha {config.lora_alpha} "
+                             f"at rank {current}) cannot be widened to rank {rank} with the same scale.")
+        alpha = config.lora_alpha * rank // current  # the scale alpha / r stays as it was
+        for m in self.decoder.modules():
+            if not isinstance(m, LoraLayer) or name not in m.lora_A:
+                continue
+            a, b = m.lora_A[name], m.lora_B[name]  # weights [r, in], [out, r]
+            wide_a = torch.empty(rank, a.in_features, dtype=a.weight.dtype, device=a.weight.device)
+            nn.init.kaiming_uniform_(wide_a, a=math.sqrt(5))  # peft's init of A (B starts at zero)
+            wide_a[:current] = a.weight.detach()
+            wide_b = torch.zeros(b.out_features, rank, dtype=b.weight.dtype, device=b.weight.device)
+            wide_b[:, :current] = b.weight.detach()
+            # the same modules, wider weights: hooks on them (ChunkScope) stay in place
+            a.weight = nn.Parameter(wide_a, requires_grad=a.weight.requires_grad)
+            b.weight = nn.Parameter(wide_b, requires_grad=b.weight.requires_grad)
+            a.out_features = b.in_features = rank
+            m.r[name], m.lora_alpha[name] = rank, alpha
+            m.scaling[name] = alpha / rank
+        config.r, config.lora_alpha = rank, alpha
+        self.merged_decoder = None  # merged for the old adapter
 
     @property
     def has_answer_adapter(self) -> bool:

@@ -242,3 +242,36 @@ def test_every_file_kind_of_a_checkpoint_is_checked(tmp_path):
             checkpoint.load(path, progress=False)
         target.write_bytes(data)
     checkpoint.load(path, progress=False)  # restored: loads again
+
+
+def test_a_widened_adapter_computes_the_same_trains_its_new_directions_and_round_trips(tmp_path):
+    """`--lora-rank` above an init's adapter rank widens it (RefragModel.widen_adapter): the model is unchanged
+    until the new directions train; a checkpoint keeps the new rank; narrowing is refused."""
+    from refrag.train.common import StageOptions, set_trainable
+
+    model = with_trained_lora(tmp_path)
+    model.set_adapter_scope("chunks")
+    rank = model.adapter_rank
+    layout = segments_layout([[2], torch.randn(2, 64), [5, 6]], 64, torch.float32)
+    before = model.decoder_logits(model.build_inputs([layout]))
+    set_trainable(model, StageOptions(train_decoder="lora", lora_rank=2 * rank), bf16=False)
+    assert model.adapter_rank == 2 * rank
+    torch.testing.assert_close(model.decoder_logits(model.build_inputs([layout])), before, rtol=0, atol=1e-5)
+    wide = {n: p for n, p in model.decoder.named_parameters() if "lora_" in n}
+    assert wide and all(p.requires_grad for p in wide.values())
+    assert {p.shape[0] for n, p in wide.items() if "lora_A" in n} == {2 * rank}
+    assert {p.shape[1] for n, p in wide.items() if "lora_B" in n} == {2 * rank}
+    assert all(p[rank:].abs().sum() > 0 for n, p in wide.items() if "lora_A" in n)  # fresh rows, not zeros
+    with torch.no_grad():  # the new directions are live: moving a new column of B changes the output
+        next(p for n, p in wide.items() if "lora_B" in n and "layers.0." in n)[:, -1].fill_(0.5)
+    moved = model.decoder_logits(model.build_inputs([layout]))
+    assert not torch.allclose(moved, before)
+    loaded = checkpoint.load(checkpoint.save(model, tmp_path / "ckpt"), dtype="float32", progress=False)
+    assert loaded.adapter_rank == 2 * rank and loaded.chunk_scoped
+    torch.testing.assert_close(loaded.decoder_logits(loaded.build_inputs([layout])), moved)
+    with pytest.raises(InputError, match="widened, not narrowed"):
+        set_trainable(model, StageOptions(train_decoder="lora", lora_rank=rank), bf16=False)
+    set_trainable(model, StageOptions(train_decoder="lora"), bf16=False)  # no rank: train on at its own
+    assert model.adapter_rank == 2 * rank
+    with pytest.raises(InputError, match="no decoder adapter"):
+        tiny_refrag("llama").widen_adapter(8)

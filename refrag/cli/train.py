@@ -41,7 +41,10 @@ TrainDecoder = Annotated[str, typer.Option(help="frozen, full (all decoder param
                                                 "of the decoder trains; it applies to compressed inputs only)")]
 TrainEncoder = Annotated[bool, typer.Option(help="train the encoder (--no-train-encoder: it stays as the previous "
                                                  "stage left it; the projector still trains)")]
-LoraRank = Annotated[int, typer.Option(help="rank of the decoder's LoRA adapter (--train-decoder lora)")]
+LoraRank = Annotated[int | None, typer.Option(
+    help="rank of the decoder's LoRA adapter (--train-decoder lora): a new one's (default 8), or, with an --init "
+         "that has one, a larger rank widens it (new directions start at zero; default: keep its rank)",
+    show_default=False)]
 Scope = Annotated[str | None, typer.Option(
     help="where the decoder's adapter applies in compressed inputs: sequence (every position) or chunks (the "
          "chunk vectors only: text positions stay the original decoder's; default: as --init has it, else "
@@ -142,7 +145,7 @@ def _run(stage: str, init: str | None, fresh: RefragConfig | None, data, stage_o
 def reconstruct_cmd(
     init: Annotated[str | None, typer.Option(help="a reconstruct checkpoint to continue from")] = None,
     max_chunks: MaxChunks = 8, curriculum: Curriculum = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, choice: ModelChoice,
+    lora_rank: LoraRank = None, adapter_scope: Scope = None, seed: Seed = 0, *, choice: ModelChoice,
     encoder_settings: dict[str, Any], data, loop,
 ) -> None:
     """Stage 1: encoder + projector (+ a decoder LoRA with --train-decoder lora; the paper: frozen) learn to
@@ -172,7 +175,7 @@ def reconstruct_cmd(
 def cpt_cmd(
     init: Init, max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
+    lora_rank: LoraRank = None, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
     from refrag.train.common import StageOptions
@@ -189,7 +192,7 @@ def cpt_cmd(
 def mixed_cmd(
     init: Init, max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
     distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
-    lora_rank: LoraRank = 8, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
+    lora_rank: LoraRank = None, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
     from refrag.train.common import StageOptions

@@ -21,6 +21,7 @@ from refrag.train.objectives import StageTask
 
 log = logging.getLogger(__name__)
 
+DEFAULT_LORA_RANK = 8  # a new decoder adapter's rank when --lora-rank is not given
 Stage = Literal["reconstruct", "cpt", "mixed", "policy", "sft"]
 TrainDecoder = Literal["frozen", "full", "lora"]
 
@@ -45,7 +46,8 @@ class StageOptions:
     distill: float = 0.0  # weight of the KL from the full-context decoder (not in the paper; cpt / mixed only)
     train_decoder: TrainDecoder = "frozen"
     train_encoder: bool = True  # False: only the projector (and the decoder per train_decoder) trains
-    lora_rank: int = 8  # rank of the decoder's LoRA adapter (train_decoder="lora")
+    lora_rank: int | None = None  # train_decoder="lora": a new adapter's rank (None: DEFAULT_LORA_RANK); with an
+    # init that has an adapter, a larger rank widens it (RefragModel.widen_adapter), None or its rank keeps it
     adapter_scope: AdapterScope | None = None  # where that adapter applies (None: as the checkpoint / config has it)
     seed: int = 0
     eval_per_type: int = 8  # held-out examples per number of chunks at each evaluation
@@ -60,7 +62,7 @@ class StageOptions:
             raise InputError("--distill needs a continuation to predict: it applies to `cpt` and `mixed`.")
         if self.train_decoder not in ("frozen", "full", "lora"):
             raise InputError(f"--train-decoder must be frozen, full or lora (got {self.train_decoder!r}).")
-        if self.lora_rank < 1:
+        if self.lora_rank is not None and self.lora_rank < 1:
             raise InputError(f"--lora-rank must be >= 1 (got {self.lora_rank}).")
         if self.adapter_scope is not None:
             check_choice(self.adapter_scope, AdapterScope, "--adapter-scope")
@@ -102,8 +104,9 @@ def load_for_stage(recipe: Recipe, init: str | Path | None, fresh: RefragConfig 
 def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> None:
     """The projector always trains, the encoder unless ``train_encoder`` is off. The decoder is frozen, fully
     trained, or adapted with LoRA (added here unless the checkpoint already holds an adapter, which then trains
-    further). Under bf16 training, frozen decoder weights are cast to bf16: no master copy is needed for weights
-    that never change, and bf16 matmuls are 2-3x faster with AMX."""
+    further, widened first to ``lora_rank`` if that is given and larger). Under bf16 training, frozen decoder
+    weights are cast to bf16: no master copy is needed for weights that never change, and bf16 matmuls are 2-3x
+    faster with AMX."""
     train_decoder = options.train_decoder
     if model.has_answer_adapter:
         raise InputError("this checkpoint has an answer adapter trained on its compressor as it is: train the "
@@ -115,7 +118,9 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
             raise InputError("--adapter-scope places the decoder's LoRA adapter: it needs --train-decoder lora.")
         model.set_adapter_scope(options.adapter_scope)
     if train_decoder == "lora" and not model.has_adapter:
-        model.add_lora(options.lora_rank)
+        model.add_lora(options.lora_rank or DEFAULT_LORA_RANK)
+    elif train_decoder == "lora" and options.lora_rank is not None:
+        model.widen_adapter(options.lora_rank)
     model.encoder.set_trainable(options.train_encoder)
     model.projector.requires_grad_(True)
     model.decoder.requires_grad_(train_decoder == "full")

@@ -218,6 +218,15 @@ class DecoderInputs:
     vector_mask: torch.Tensor | None = None  # [B, T] bool, True at chunk-vector positions
 
 
+@dataclass(frozen=True)
+class LabelOutputs:
+    """The decoder's outputs at the K positions of a batch where any example has a label."""
+
+    logits: torch.Tensor  # [B, K, V]
+    labels: torch.Tensor  # [B, K], IGNORE_INDEX where this example has no target
+    hidden: tuple[torch.Tensor, ...] = ()  # the output of each decoder layer, [B, K, D] each (if asked for)
+
+
 class ChunkScope:
     """A decoder LoRA adapter confined to the chunk-vector positions (``adapter_scope="chunks"``).
 
@@ -439,6 +448,11 @@ class RefragModel(nn.Module):
 
     def label_logits(self, inputs: DecoderInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, K, V] and labels [B, K] at the K positions where any example has a label."""
+        out = self.label_outputs(inputs)
+        return out.logits, out.labels
+
+    def label_outputs(self, inputs: DecoderInputs, *, hidden: bool = False) -> LabelOutputs:
+        """``label_logits``, and with ``hidden`` every layer's hidden states at the same K positions."""
         if inputs.labels is None:
             raise InputError("forward() needs labels; use decoder_logits() for inference.")
         keep = (inputs.labels != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
@@ -448,9 +462,11 @@ class RefragModel(nn.Module):
                 attention_mask=inputs.attention_mask,
                 position_ids=inputs.position_ids,
                 logits_to_keep=keep,
+                output_hidden_states=hidden,
                 use_cache=False,
             )
-        return out.logits, inputs.labels[:, keep]
+        states = tuple(h[:, keep] for h in out.hidden_states[1:]) if hidden else ()  # after each layer, [B, K, D]
+        return LabelOutputs(out.logits, inputs.labels[:, keep], states)
 
     def decoder_logits(self, inputs: DecoderInputs) -> torch.Tensor:
         """Full logits [B, T, V] (for tests and analysis)."""

@@ -37,6 +37,9 @@ Cont = Annotated[int, typer.Option(help="o: continuation tokens to predict")]
 Expand = Annotated[float, typer.Option(help="p: fraction of chunks left uncompressed at random")]
 Distill = Annotated[float, typer.Option(help="weight in [0, 1] of a KL loss towards the original decoder reading the "
                                              "full context as tokens (not in the paper; 0: next-token loss only)")]
+DistillHidden = Annotated[float, typer.Option(
+    help="weight (>= 0) of a loss on every decoder layer's hidden states at the continuation: their relative "
+         "distance from the original decoder's reading the full context as tokens (not in the paper; 0: off)")]
 TrainDecoder = Annotated[str, typer.Option(help="frozen, full (all decoder parameters train) or lora (a LoRA adapter "
                                                 "of the decoder trains; it applies to compressed inputs only)")]
 TrainEncoder = Annotated[bool, typer.Option(help="train the encoder (--no-train-encoder: it stays as the previous "
@@ -174,15 +177,16 @@ def reconstruct_cmd(
 @_loop_group("runs/cpt", steps=1000, micro_batch_size=4)
 def cpt_cmd(
     init: Init, max_chunks: MaxChunks = 32, curriculum: Curriculum = True, continuation_tokens: Cont = 128,
-    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
+    distill: Distill = 0.0, distill_hidden: DistillHidden = 0.0, train_encoder: TrainEncoder = True,
+    train_decoder: TrainDecoder = "frozen",
     lora_rank: LoraRank = None, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 2: next-paragraph prediction from compressed context (needs a reconstruct checkpoint)."""
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=curriculum, continuation_tokens=continuation_tokens,
-                         distill=distill, train_decoder=train_decoder, train_encoder=train_encoder,  # type: ignore[arg-type]
-                         lora_rank=lora_rank, adapter_scope=adapter_scope, seed=seed)  # type: ignore[arg-type]
+                         distill=distill, distill_hidden=distill_hidden, train_decoder=train_decoder,  # type: ignore[arg-type]
+                         train_encoder=train_encoder, lora_rank=lora_rank, adapter_scope=adapter_scope, seed=seed)  # type: ignore[arg-type]
     _run("cpt", init, None, data, stage, loop)
 
 
@@ -191,14 +195,16 @@ def cpt_cmd(
 @_loop_group("runs/mixed", steps=500, micro_batch_size=4)
 def mixed_cmd(
     init: Init, max_chunks: MaxChunks = 32, continuation_tokens: Cont = 128, expand_fraction: Expand = 0.1,
-    distill: Distill = 0.0, train_encoder: TrainEncoder = True, train_decoder: TrainDecoder = "frozen",
+    distill: Distill = 0.0, distill_hidden: DistillHidden = 0.0, train_encoder: TrainEncoder = True,
+    train_decoder: TrainDecoder = "frozen",
     lora_rank: LoraRank = None, adapter_scope: Scope = None, seed: Seed = 0, *, data, loop,
 ) -> None:
     """Stage 3: CPT with a fraction of chunks left uncompressed at random (needs a cpt checkpoint)."""
     from refrag.train.common import StageOptions
 
     stage = StageOptions(max_chunks=max_chunks, curriculum=False, continuation_tokens=continuation_tokens,
-                         expand_fraction=expand_fraction, distill=distill, train_decoder=train_decoder,  # type: ignore[arg-type]
+                         expand_fraction=expand_fraction, distill=distill, distill_hidden=distill_hidden,
+                         train_decoder=train_decoder,  # type: ignore[arg-type]
                          train_encoder=train_encoder, lora_rank=lora_rank, adapter_scope=adapter_scope,  # type: ignore[arg-type]
                          seed=seed)
     _run("mixed", init, None, data, stage, loop)

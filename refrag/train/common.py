@@ -44,6 +44,7 @@ class StageOptions:
     continuation_tokens: int = 0  # o: tokens to predict after the context (0: reconstruct the context)
     expand_fraction: float = 0.0  # p: chunks left uncompressed at random (mixed-input training: 0.1)
     distill: float = 0.0  # weight of the KL from the full-context decoder (not in the paper; cpt / mixed only)
+    distill_hidden: float = 0.0  # weight of every layer's hidden-state distance from that decoder's at the targets
     train_decoder: TrainDecoder = "frozen"
     train_encoder: bool = True  # False: only the projector (and the decoder per train_decoder) trains
     lora_rank: int | None = None  # train_decoder="lora": a new adapter's rank (None: DEFAULT_LORA_RANK); with an
@@ -58,8 +59,11 @@ class StageOptions:
         check_fraction(self.expand_fraction, "--expand-fraction", below_one=True)
         if not 0.0 <= self.distill <= 1.0:
             raise InputError(f"--distill must be in [0, 1] (got {self.distill}).")
-        if self.distill and not self.continuation_tokens:
-            raise InputError("--distill needs a continuation to predict: it applies to `cpt` and `mixed`.")
+        if self.distill_hidden < 0:
+            raise InputError(f"--distill-hidden must be >= 0 (got {self.distill_hidden}).")
+        if (self.distill or self.distill_hidden) and not self.continuation_tokens:
+            raise InputError("--distill and --distill-hidden need a continuation to predict: they apply to `cpt` and "
+                             "`mixed`.")
         if self.train_decoder not in ("frozen", "full", "lora"):
             raise InputError(f"--train-decoder must be frozen, full or lora (got {self.train_decoder!r}).")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -138,7 +142,8 @@ def stage_task(stage: str, model: RefragModel, corpus: TokenCorpus, options: Sta
     return StageTask(
         stage=stage, train_tokens=corpus.train, val_tokens=corpus.val, k=model.k, order=order,
         continuation_tokens=options.continuation_tokens, expand_fraction=options.expand_fraction,
-        distill=options.distill, seed=options.seed, eval_chunks=tuple(chunk_types(options.max_chunks)),
+        distill=options.distill, distill_hidden=options.distill_hidden, seed=options.seed,
+        eval_chunks=tuple(chunk_types(options.max_chunks)),
         eval_per_type=options.eval_per_type,
     )
 

@@ -107,6 +107,35 @@ def test_distillation_loss_is_the_kl_from_the_full_context_decoder():
     assert model.projector.fc1.weight.grad is not None and model.projector.fc1.weight.grad.abs().sum() > 0
 
 
+def test_hidden_distillation_is_each_layers_relative_distance_from_the_full_context_decoder():
+    torch.manual_seed(0)
+    model = tiny_refrag("llama", k=4)
+    examples = [Example(context=tuple(range(10, 18)), continuation=(30, 31, 32, 33)),
+                Example(context=tuple(range(20, 24)), continuation=(40, 41, 42, 43))]  # different context lengths
+    kl = training_loss(model, examples, distill=1.0)
+    both = training_loss(model, examples, distill=1.0, distill_hidden=0.5)
+    # by hand: every layer's output at the last 4 positions, one example at a time
+    per_layer = []
+    for ex in examples:
+        def states(layouts):
+            inputs = model.build_inputs(layouts)
+            with model.decoder_for(inputs.compressed, inputs.vector_mask) as decoder:
+                out = decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                              position_ids=inputs.position_ids, output_hidden_states=True, use_cache=False)
+            return torch.stack([h[0, -4:] for h in out.hidden_states[1:]])  # [layers, 4, D]
+        s, t = states(example_layouts(model, [ex])), states(teacher_layouts(model, [ex]))
+        per_layer.append(torch.log1p((s - t).square().sum(-1) / t.square().sum(-1)))  # [layers, 4]
+    hidden = torch.cat(per_layer, dim=1).mean()
+    assert hidden > 0.01  # compressed context: the student's states differ from the teacher's
+    assert torch.allclose(both, kl + 0.5 * hidden, atol=1e-5)
+    (both - kl).backward()
+    assert model.projector.fc1.weight.grad is not None and model.projector.fc1.weight.grad.abs().sum() > 0
+    with pytest.raises(InputError, match=">= 0"):
+        StageOptions(distill_hidden=-1.0, continuation_tokens=8)
+    with pytest.raises(InputError, match="continuation"):
+        StageOptions(distill_hidden=0.5)
+
+
 def test_distillation_is_refused_without_a_continuation():
     with pytest.raises(InputError, match="continuation"):
         StageOptions(distill=0.5)

@@ -3,23 +3,35 @@ or one before and after SFT), on the items both scored, with a paired-bootstrap 
 
     python scripts/compare_runs.py runs/qa-before:refrag+lexical10% runs/qa-after:refrag+lexical10%
     python scripts/compare_runs.py runs/ppl-shipped:refrag16 runs/ppl-new:refrag16
+    python scripts/compare_runs.py runs/cpt-a:train/loss runs/cpt-b:train/loss
 
 QA rows are matched by question (metrics: answer-contained, F1; higher is better); perplexity rows by
-(doc, offset) (metric: the method's mean NLL per token; lower is better).
+(doc, offset) (metric: the method's mean NLL per token; lower is better); a training run's metrics.csv column
+by step (two runs of one stage and seed train on the same batches: a paired comparison on training data).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
 
 from refrag.eval.metrics import paired_bootstrap
 
+ITEMS = {"qa": "questions", "perplexity": "windows", "train": "steps"}
+
 
 def records(spec: str) -> tuple[str, dict[tuple, dict[str, float]]]:
-    """('qa' | 'perplexity', item key -> {metric: value}) of one run's column ``folder:mode-or-method``."""
+    """('qa' | 'perplexity' | 'train', item key -> {metric: value}) of one run's column
+    ``folder:mode-or-method`` (or ``folder:train/<metric>``)."""
     folder, _, column = spec.partition(":")
+    if column.startswith("train/"):
+        with (Path(folder) / "metrics.csv").open() as f:
+            steps = {(int(r["step"]),): {column: float(r["value"])} for r in csv.DictReader(f) if r["name"] == column}
+        if not steps:
+            sys.exit(f"{folder}/metrics.csv has no {column!r}")
+        return "train", steps
     path = Path(folder) / "examples.jsonl"
     if not path.is_file():
         sys.exit(f"{path} does not exist: pass a folder written by `refrag eval qa|perplexity --out`")
@@ -43,9 +55,9 @@ def main(a_spec: str, b_spec: str) -> None:
         sys.exit(f"no item is in both {a_spec} and {b_spec}")
     for metric in a[shared[0]]:
         d = paired_bootstrap([b[key][metric] for key in shared], [a[key][metric] for key in shared])
-        better = "lower" if metric == "log_ppl" else "higher"
+        better = "higher" if kind_a == "qa" else "lower"
         print(f"{metric} ({better} is better): {b_spec} - {a_spec} = {d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] "
-              f"over {len(shared)} {'questions' if kind_a == 'qa' else 'windows'}")
+              f"over {len(shared)} {ITEMS[kind_a]}")
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ class LabelOutputs:
 
     logits: torch.Tensor  # [B, K, V]
     labels: torch.Tensor  # [B, K], IGNORE_INDEX where this example has no target
-    hidden: tuple[torch.Tensor, ...] = ()  # the output of each decoder layer, [B, K, D] each (if asked for)
+    hidden: tuple[torch.Tensor, ...] = ()  # each decoder layer's output (the last after the final norm), [B, K, D]
 
 
 class ChunkScope:
@@ -465,7 +465,7 @@ class RefragModel(nn.Module):
                 output_hidden_states=hidden,
                 use_cache=False,
             )
-        states = tuple(h[:, keep] for h in out.hidden_states[1:]) if hidden else ()  # after each layer, [B, K, D]
+        states = tuple(h[:, keep] for h in out.hidden_states[1:]) if hidden else ()  # [B, K, D] per layer
         return LabelOutputs(out.logits, inputs.labels[:, keep], states)
 
     def decoder_logits(self, inputs: DecoderInputs) -> torch.Tensor:
@@ -512,15 +512,16 @@ class RefragModel(nn.Module):
             raise InputError("widen the compressor's adapter before an answer adapter is trained on it.")
         if rank < current:
             raise InputError(f"the decoder adapter has rank {current}: it can be widened, not narrowed "
-                             f"(got --lora-rank {rank}).")
+                             f"(asked for rank {rank}).")
         if rank == current:
             return
         name = COMPRESSOR_ADAPTER
         config = self.decoder.peft_config[name]
-        if (config.rank_pattern or config.alpha_pattern or config.use_rslora or config.lora_bias
+        if (config.rank_pattern or config.alpha_pattern or config.use_rslora or config.use_dora or config.lora_bias
                 or config.lora_alpha * rank % current):
-            raise InputError(f"this decoder adapter (per-layer ranks, rsLoRA, biases, or alpha {config.lora_alpha} "
-                             f"at rank {current}) cannot be widened to rank {rank} with the same scale.")
+            raise InputError(f"this decoder adapter (per-layer ranks, rsLoRA, DoRA, biases, or alpha "
+                             f"{config.lora_alpha} at rank {current}) cannot be widened to rank {rank} with the same "
+                             "scale.")
         alpha = config.lora_alpha * rank // current  # the scale alpha / r stays as it was
         for m in self.decoder.modules():
             if not isinstance(m, LoraLayer) or name not in m.lora_A:

@@ -7,7 +7,8 @@ or one before and after SFT), on the items both scored, with a paired-bootstrap 
 
 QA rows are matched by question (metrics: answer-contained, F1; higher is better); perplexity rows by
 (doc, offset) (metric: the method's mean NLL per token; lower is better); a training run's metrics.csv column
-by step (two runs of one stage and seed train on the same batches: a paired comparison on training data).
+by step (two runs of one stage, seed and objective train on the same batches: a paired comparison on training
+data; a run with another loss, e.g. --distill-hidden, logs another quantity).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def records(spec: str) -> tuple[str, dict[tuple, dict[str, float]]]:
     ``folder:mode-or-method`` (or ``folder:train/<metric>``)."""
     folder, _, column = spec.partition(":")
     if column.startswith("train/"):
+        if column != "train/loss":
+            sys.exit(f"{column}: only train/loss compares (lower is better), and only between runs of one objective")
         with (Path(folder) / "metrics.csv").open() as f:
             steps = {(int(r["step"]),): {column: float(r["value"])} for r in csv.DictReader(f) if r["name"] == column}
         if not steps:

@@ -273,5 +273,7 @@ def test_a_widened_adapter_computes_the_same_trains_its_new_directions_and_round
         set_trainable(model, StageOptions(train_decoder="lora", lora_rank=rank), bf16=False)
     set_trainable(model, StageOptions(train_decoder="lora"), bf16=False)  # no rank: train on at its own
     assert model.adapter_rank == 2 * rank
+    with pytest.raises(InputError, match="needs --train-decoder lora"):
+        set_trainable(model, StageOptions(lora_rank=4 * rank), bf16=False)
     with pytest.raises(InputError, match="no decoder adapter"):
         tiny_refrag("llama").widen_adapter(8)

@@ -117,6 +117,8 @@ def set_trainable(model: RefragModel, options: StageOptions, *, bf16: bool) -> N
                          "compressor further from the checkpoint the answer adapter was trained from (its --init).")
     if model.has_adapter and train_decoder == "full":
         raise InputError("this checkpoint's decoder has a LoRA adapter: continue with --train-decoder lora.")
+    if options.lora_rank is not None and train_decoder != "lora":
+        raise InputError("--lora-rank sizes the decoder's LoRA adapter: it needs --train-decoder lora.")
     if options.adapter_scope is not None:
         if train_decoder != "lora" and not model.has_adapter:
             raise InputError("--adapter-scope places the decoder's LoRA adapter: it needs --train-decoder lora.")

@@ -68,10 +68,11 @@ def teacher_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Lay
 
 def hidden_distance(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tensor:
     """Mean over layers and target tokens of log(1 + ||h_student - h_teacher||^2 / ||h_teacher||^2), each layer's
-    output at the same targets (in the same order) of two ``label_outputs(..., hidden=True)``. The log keeps a
-    few outliers from ruling the loss: with the shipped compressor the median token is at ~0.01-0.03 in every
-    layer, but a continuation token that grows a massive activation the teacher does not have sits at ~100 in
-    layers 2-8 (docs/training.md)."""
+    output (the last after the final norm) at the same targets, in the same order, of two
+    ``label_outputs(..., hidden=True)``. The log keeps a few outliers from ruling the loss: with the shipped
+    compressor the median token is at ~0.01-0.03 in every layer, but a continuation token that grows a massive
+    activation the teacher does not have sits at ~100 in layers 2-8 (docs/training.md, "Hidden-state
+    distillation")."""
     s_rows, t_rows = student.labels != IGNORE_INDEX, teacher.labels != IGNORE_INDEX
     per_layer = []
     for hs, ht in zip(student.hidden, teacher.hidden, strict=True):
@@ -80,14 +81,18 @@ def hidden_distance(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tenso
     return torch.stack(per_layer).mean()
 
 
+def teacher_outputs(model: RefragModel, teacher: Sequence[Layout], *, hidden: bool = False) -> LabelOutputs:
+    """The original decoder's outputs on text-only ``teacher`` layouts (``teacher_layouts``), without gradient."""
+    with torch.no_grad():
+        return model.label_outputs(model.build_inputs(teacher), hidden=hidden)
+
+
 def kl_to_teacher(model: RefragModel, teacher: Sequence[Layout], student: torch.Tensor,
                   student_labels: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher || student) per target token. ``teacher``: text-only layouts with the same targets in the
     same order as the student's (so the original decoder reads them); ``student`` [B, K, V] / ``student_labels``
     [B, K] as returned by ``RefragModel.label_logits``."""
-    with torch.no_grad():
-        target = model.label_outputs(model.build_inputs(teacher))
-    return kl_between(LabelOutputs(student, student_labels), target)
+    return kl_between(LabelOutputs(student, student_labels), teacher_outputs(model, teacher))
 
 
 def kl_between(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tensor:
@@ -100,15 +105,18 @@ def kl_between(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tensor:
 def training_loss(model: RefragModel, examples: Sequence[Example], distill: float = 0.0,
                   distill_hidden: float = 0.0) -> torch.Tensor:
     """(1 - distill) * next-token cross-entropy + distill * KL from the full-context decoder, + distill_hidden *
-    the relative distance of every layer's hidden states at the targets from that decoder's (``hidden_distance``)."""
-    student = model.label_outputs(model.build_inputs(example_layouts(model, examples)), hidden=distill_hidden > 0)
+    the distance of every layer's hidden states at the targets from that decoder's (``hidden_distance``)."""
+    hidden = distill_hidden > 0
+    student = model.label_outputs(model.build_inputs(example_layouts(model, examples)), hidden=hidden)
     loss = mean_nll(student.logits, student.labels)  # logits [B, K, V], labels [B, K]
-    if not (distill or distill_hidden):
+    if not (distill or hidden):
         return loss
-    with torch.no_grad():
-        teacher = model.label_outputs(model.build_inputs(teacher_layouts(model, examples)), hidden=distill_hidden > 0)
-    loss = (1 - distill) * loss + distill * kl_between(student, teacher)
-    return loss + distill_hidden * hidden_distance(student, teacher) if distill_hidden else loss
+    teacher = teacher_outputs(model, teacher_layouts(model, examples), hidden=hidden)
+    if distill:
+        loss = (1 - distill) * loss + distill * kl_between(student, teacher)
+    if hidden:
+        loss = loss + distill_hidden * hidden_distance(student, teacher)
+    return loss
 
 
 def example_layouts(model: RefragModel, examples: Sequence[Example]) -> list[Layout]:

@@ -85,6 +85,9 @@ def load_state(out_dir: Path, model: RefragModel, optimizer: torch.optim.Optimiz
             f"{len(trainable_names(model))} tensors): resume with the same command and options."
         )
     params = dict(model.named_parameters())
+    if changed := [n for n, w in weights.items() if w.shape != params[n].shape]:
+        raise CheckpointError(f"{folder} has {changed[0]} of another shape than this run's (e.g. another "
+                              "--lora-rank): resume with the same command and options.")
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)

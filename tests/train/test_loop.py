@@ -1,6 +1,7 @@
 import csv
 import itertools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,17 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     assert len(losses(tmp_path / "b")) == 6
     for (n, p), (_, q) in zip(model.named_parameters(), model3.named_parameters()):
         assert torch.equal(p.float(), q.float()), n
+
+
+def test_a_resume_with_another_adapter_rank_is_refused(tmp_path):
+    from refrag.errors import CheckpointError
+
+    lora = StageOptions(max_chunks=4, eval_per_type=2, train_decoder="lora", lora_rank=4)
+    model = tiny_refrag("llama", k=4)
+    reconstruct(model, corpus(model), lora, options(tmp_path, stop_after=3))
+    model2 = tiny_refrag("llama", k=4)
+    with pytest.raises(CheckpointError, match="another shape"):
+        reconstruct(model2, corpus(model2), replace(lora, lora_rank=8), options(tmp_path, resume=True))
 
 
 def test_the_untrained_model_is_scored_at_step_0_and_a_resume_does_not_score_it_again(tmp_path):

@@ -128,6 +128,8 @@ def test_hidden_distillation_is_each_layers_relative_distance_from_the_full_cont
     hidden = torch.cat(per_layer, dim=1).mean()
     assert hidden > 0.01  # compressed context: the student's states differ from the teacher's
     assert torch.allclose(both, kl + 0.5 * hidden, atol=1e-5)
+    ce = training_loss(model, examples)
+    assert torch.allclose(training_loss(model, examples, distill_hidden=2.0), ce + 2.0 * hidden, atol=1e-5)
     (both - kl).backward()
     assert model.projector.fc1.weight.grad is not None and model.projector.fc1.weight.grad.abs().sum() > 0
     with pytest.raises(InputError, match=">= 0"):

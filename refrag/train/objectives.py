@@ -71,7 +71,7 @@ def hidden_distance(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tenso
     output (the last after the final norm) at the same targets, in the same order, of two
     ``label_outputs(..., hidden=True)``. The log keeps a few outliers from ruling the loss: with the shipped
     compressor the median token is at ~0.01-0.03 in every layer, but a continuation token that grows a massive
-    activation the teacher does not have sits at ~100 in layers 2-8 (docs/training.md, "Hidden-state
+    activation the teacher does not have sits at ~100 in layers 3-9 of 30 (docs/training.md, "Hidden-state
     distillation")."""
     s_rows, t_rows = student.labels != IGNORE_INDEX, teacher.labels != IGNORE_INDEX
     per_layer = []

@@ -252,7 +252,7 @@ def train_sft(model: RefragModel, items: Sequence[QAItem], options: SFTOptions, 
         raise InputError(f"{len(items)} rows: need more than --eval-examples {options.eval_examples} (the last rows "
                          "are held out).")
     adapter_only = options.learn == "adapter"
-    new_rank = None if model.has_adapter else lora_rank  # the compressor's adapter keeps its own rank
+    new_rank = None if model.has_adapter or adapter_only else lora_rank  # a compressor's adapter keeps its rank
     set_trainable(model, StageOptions(train_decoder="frozen" if adapter_only else "lora", lora_rank=new_rank,
                                       train_encoder=options.train_encoder and not (options.reads_text or adapter_only)),
                   bf16=train_options.bf16)

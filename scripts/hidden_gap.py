@@ -48,12 +48,23 @@ def main() -> None:
         teacher = teacher_outputs(model, teacher_layouts(model, examples), hidden=True)
     print(f"{args.windows} windows, s={args.s}, o={args.o}: KL {float(kl_between(student, teacher)):.4f}, "
           f"hidden distance (--distill-hidden's) {float(hidden_distance(student, teacher)):.4f}")
-    print("layer  mean    median  max")
+    print("layer  mean    median  max   (squared relative distance over the continuation's tokens)")
     rows_s, rows_t = student.labels != IGNORE_INDEX, teacher.labels != IGNORE_INDEX
+    # each row's input: the last context position, then the continuation's tokens but its last
+    inputs = [name for ex in examples for name in ["<context end>"] + [model.tokenizer.decode([t]) for t in
+                                                                        ex.continuation[:-1]]]
+    worst: tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for layer, (hs, ht) in enumerate(zip(student.hidden, teacher.hidden, strict=True), start=1):
         s, t = hs[rows_s].float(), ht[rows_t].float()  # [N, D]
         r = (s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-6)  # [N]
         print(f"{layer:5d}  {float(r.mean()):.4f}  {float(r.median()):.4f}  {float(r.max()):.2f}")
+        if worst is None or float(r.max()) > worst[0]:
+            worst = float(r.max()), layer, r, s.norm(dim=-1), t.norm(dim=-1)
+    assert worst is not None
+    _, layer, r, s_norm, t_norm = worst
+    print(f"the farthest tokens, layer {layer} (input token: distance, hidden-state norm compressed / full):")
+    for i in r.topk(min(8, len(r))).indices.tolist():
+        print(f"  {inputs[i]!r}: {float(r[i]):.1f}, {float(s_norm[i]):.0f} / {float(t_norm[i]):.0f}")
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def hidden_distance(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tenso
     """Mean over layers and target tokens of log(1 + ||h_student - h_teacher||^2 / ||h_teacher||^2), each layer's
     output (the last after the final norm) at the same targets, in the same order, of two
     ``label_outputs(..., hidden=True)``. The log keeps a few outliers from ruling the loss: with the shipped
-    compressor the median token is at ~0.01-0.03 in every layer, but a continuation token that grows a massive
-    activation the teacher does not have sits at ~100 in layers 3-9 of 30 (docs/training.md, "Hidden-state
+    compressor the median token is at 0.004-0.064 in every layer, but a continuation token that grows a massive
+    activation the teacher does not have sits at ~80-120 in layers 3-8 of 30 (docs/training.md, "Hidden-state
     distillation")."""
     s_rows, t_rows = student.labels != IGNORE_INDEX, teacher.labels != IGNORE_INDEX
     per_layer = []

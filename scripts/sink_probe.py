@@ -19,20 +19,16 @@ import torch
 from refrag.checkpoint import load
 from refrag.chunking import chunk_token_ids
 from refrag.eval.metrics import paired_bootstrap
-from refrag.modeling import Layout, RefragModel, start_token, token_nll
+from refrag.eval.perplexity import example_nll
+from refrag.modeling import Layout, RefragModel, start_token
 
 PREFIXES = {"none": "", "the": " the", "newline": "\n", "the x4": " the the the the"}
 
 
 @torch.no_grad()
 def window_nll(model: RefragModel, layouts: list[Layout], batch_size: int = 4) -> list[float]:
-    """Mean NLL per target token of each layout."""
-    out: list[float] = []
-    for i in range(0, len(layouts), batch_size):
-        logits, labels = model.label_logits(model.build_inputs(layouts[i : i + batch_size]))  # [B, K, V], [B, K]
-        nll, mask = token_nll(logits, labels)
-        out += ((nll * mask).sum(1) / mask.sum(1)).float().tolist()
-    return out
+    """Mean NLL per target token of each layout (``example_nll`` over batches)."""
+    return [x for i in range(0, len(layouts), batch_size) for x in example_nll(model, layouts[i : i + batch_size])]
 
 
 def main() -> None:

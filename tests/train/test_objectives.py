@@ -87,11 +87,16 @@ def test_teacher_layout_reads_the_context_as_tokens_with_the_students_targets():
         teacher_layouts(model, [Example(context=ex.context, continuation=())])
 
 
+def two_examples() -> list[Example]:
+    """Two next-paragraph examples with different context lengths (so the batch is left-padded)."""
+    return [Example(context=tuple(range(10, 18)), continuation=(30, 31, 32, 33)),
+            Example(context=tuple(range(20, 24)), continuation=(40, 41, 42, 43))]
+
+
 def test_distillation_loss_is_the_kl_from_the_full_context_decoder():
     torch.manual_seed(0)
     model = tiny_refrag("llama", k=4)
-    examples = [Example(context=tuple(range(10, 18)), continuation=(30, 31, 32, 33)),
-                Example(context=tuple(range(20, 24)), continuation=(40, 41, 42, 43))]  # different context lengths
+    examples = two_examples()
     kl = training_loss(model, examples, distill=1.0)
     # by hand: full logits of both layouts, one example at a time
     manual = []
@@ -110,8 +115,7 @@ def test_distillation_loss_is_the_kl_from_the_full_context_decoder():
 def test_hidden_distillation_is_each_layers_relative_distance_from_the_full_context_decoder():
     torch.manual_seed(0)
     model = tiny_refrag("llama", k=4)
-    examples = [Example(context=tuple(range(10, 18)), continuation=(30, 31, 32, 33)),
-                Example(context=tuple(range(20, 24)), continuation=(40, 41, 42, 43))]  # different context lengths
+    examples = two_examples()
     kl = training_loss(model, examples, distill=1.0)
     both = training_loss(model, examples, distill=1.0, distill_hidden=0.5)
     # by hand: every layer's output at the last 4 positions, one example at a time

@@ -594,6 +594,24 @@ class RefragModel(nn.Module):
     def _activate_both(self) -> None:
         self.decoder.base_model.set_adapter([COMPRESSOR_ADAPTER, ANSWER_ADAPTER])
 
+    @contextlib.contextmanager
+    def compressor_only(self) -> Iterator[None]:
+        """Within the block compressed calls read through the compressor's adapter alone: no answer adapter,
+        merged or not (what the compressor was trained with; ``refrag.refine`` refines vectors for it)."""
+        merged, self.merged_decoder = self.merged_decoder, None
+        answer = self.has_answer_adapter
+        trainable = {n: p.requires_grad for n, p in self.decoder.named_parameters()}  # peft's set_adapter resets them
+        if answer:
+            self.decoder.base_model.set_adapter(COMPRESSOR_ADAPTER)
+        try:
+            yield
+        finally:
+            self.merged_decoder = merged
+            if answer:
+                self._activate_both()
+            for n, p in self.decoder.named_parameters():
+                p.requires_grad_(trainable[n])
+
     @property
     def chunk_scoped(self) -> bool:
         """The adapter runs at chunk-vector positions only (``adapter_scope="chunks"``)."""

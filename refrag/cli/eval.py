@@ -11,6 +11,7 @@ from refrag.cli.common import (
     Checkpoint,
     Json,
     ModelChoice,
+    RefineSteps,
     comma_list,
     filter_options,
     model_options,
@@ -47,6 +48,7 @@ def perplexity_cmd(
                                              "comma-separated (and truncated at their positions)")] = "",
     policy: Annotated[str, typer.Option(help="which chunks stay raw, comma-separated: first, last, random, "
                                              "perplexity-desc, perplexity-asc")] = "last",
+    refine_steps: RefineSteps = 0,
     out: Out = None,
     json_out: Json = False,
     *,
@@ -59,13 +61,15 @@ def perplexity_cmd(
 
     from refrag.eval.perplexity import PerplexityOptions, evaluate_perplexity, extract_examples
     from refrag.io import write_json_atomic, write_jsonl_atomic
+    from refrag.refine import RefineOptions
     from refrag.train.data import iter_documents
 
     fractions, policies = comma_list(expand, float, "--expand"), comma_list(policy, str, "--policy")
+    refine = RefineOptions(steps=refine_steps) if refine_steps else None
     PerplexityOptions(s=s, o=o, ks=tuple(k or [16]), limit=limit, expand=fractions, policies=policies)  # type: ignore[arg-type]  # fail before loading
     m = replace(choice, k=k[0] if k else None).load(progress=not json_out)
     options = PerplexityOptions(s=s, o=o, ks=tuple(k or [m.k]), limit=limit, seed=seed, batch_size=batch_size,
-                                expand=fractions, policies=policies)  # type: ignore[arg-type]
+                                expand=fractions, policies=policies, refine=refine)  # type: ignore[arg-type]
     docs = itertools.chain.from_iterable(iter_documents(src, text_field) for src in data)
     examples = extract_examples(docs, m.tokenizer, s, o, limit, seed)
     result = evaluate_perplexity(m, examples, options)

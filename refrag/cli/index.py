@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import Json, ModelChoice, model_options, print_json, setup_torch
+from refrag.cli.common import Json, ModelChoice, RefineSteps, model_options, print_json, setup_torch
 from refrag.config import DEFAULT_RETRIEVAL_ENCODER
 
 app = typer.Typer(no_args_is_help=True, help="Build and extend retrieval indexes (passages + chunk vectors).")
@@ -24,8 +24,9 @@ def _print_stats(stats, path: Path, json_out: bool) -> None:
                     "index": str(path)})
         return
     removed = f", -{stats.removed} removed" if stats.removed else ""
+    refined = f", refining {stats.refine_s:.1f}s" if stats.refine_s else ""
     typer.echo(f"{path}: +{stats.passages} passages{removed}, {stats.chunks} chunks in {stats.total_s:.1f}s "
-               f"({stats.passages_per_s:.1f} passages/s, chunk encoder {stats.chunks_per_s:.0f} chunks/s)")
+               f"({stats.passages_per_s:.1f} passages/s, chunk encoder {stats.chunks_per_s:.0f} chunks/s{refined})")
     if stats.skipped_duplicates:
         typer.echo(f"skipped {stats.skipped_duplicates} passages already in the index (same source file and text)")
 
@@ -41,6 +42,7 @@ def build_cmd(
         "faiss",
     store_kind: StoreKind = "flat",
     passage_tokens: Annotated[int, typer.Option(help="max decoder tokens per passage")] = 256,
+    refine_steps: RefineSteps = 0,
     json_out: Json = False,
     *,
     choice: ModelChoice,
@@ -51,8 +53,10 @@ def build_cmd(
     from refrag.index.ingest import find_files
     from refrag.index.manifest import INDEX
     from refrag.io import check_replaceable
+    from refrag.refine import RefineOptions
 
-    options = IndexOptions(passage_tokens, retrieval_encoder, StoreOptions(backend=store, kind=store_kind))  # type: ignore[arg-type]
+    options = IndexOptions(passage_tokens, retrieval_encoder, StoreOptions(backend=store, kind=store_kind),  # type: ignore[arg-type]
+                           refine=RefineOptions(steps=refine_steps) if refine_steps else None)
     check_replaceable(out, INDEX.filename, "refrag index")  # before the model loads
     find_files(sources)  # missing or empty sources, too
     m = choice.load(progress=not json_out, merge=False)

@@ -27,13 +27,15 @@ class Method:
     expanded: int = 0  # refrag: chunks kept as raw tokens
     percent: int = 0  # refrag: the expand fraction in percent (its name)
     first: bool = False  # truncated: the first k's baseline, named plain ``truncated``
+    refined: bool = False  # refrag: the chunk encodings refined per context first (``refrag.refine``)
 
     @property
     def name(self) -> str:
         if self.kind == "truncated":
             return "truncated" if self.first else f"truncated{self.positions}"
         if self.kind == "refrag":
-            return f"refrag{self.k}" + (f"+{self.policy}{self.percent}" if self.policy else "")
+            return (f"refrag{self.k}" + ("-refined" if self.refined else "")
+                    + (f"+{self.policy}{self.percent}" if self.policy else ""))
         return self.kind
 
     def rate(self, s: int) -> float | None:
@@ -54,6 +56,6 @@ class Method:
             return cls("truncated", positions=s // first_k, first=True)
         if m := re.fullmatch(r"truncated(\d+)", name):
             return cls("truncated", positions=int(m[1]))
-        if m := re.fullmatch(r"refrag(\d+)(?:\+([a-z][a-z-]*[a-z])(\d+))?", name):
-            return cls("refrag", k=int(m[1]), policy=m[2], percent=int(m[3] or 0))
+        if m := re.fullmatch(r"refrag(\d+)(-refined)?(?:\+([a-z][a-z-]*[a-z])(\d+))?", name):
+            return cls("refrag", k=int(m[1]), refined=bool(m[2]), policy=m[3], percent=int(m[4] or 0))
         return None

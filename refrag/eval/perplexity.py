@@ -8,6 +8,8 @@ precedes the output tokens:
 - ``truncated``: the last K = s / k context tokens (K = the decoder positions REFRAG_k uses; for a second k
   the method is named ``truncated{K}``);
 - ``refrag{k}``: the s / k chunk embeddings of the context (``model.embed_chunks``), as in training;
+- ``refrag{k}-refined`` (with ``refine``): the same after the context's encodings are refined as an index
+  refines a passage's (``refrag.refine``: the context alone, never the output, is what they are refined on);
 - ``refrag{k}+{policy}{P}`` (for each fraction in ``expand`` and each of ``policies``): the same with P% of the
   chunks as raw tokens in place (what mixed-input training teaches), chosen by the policy (``refrag.policy``):
   ``last`` (the chunks nearest the output), ``first``, ``random`` (seeded per example, the paper's RAND),
@@ -38,6 +40,7 @@ from refrag.errors import InputError
 from refrag.eval.methods import ADAPTER_CONTROL, FOREIGN_CONTROL, Method
 from refrag.modeling import Layout, RefragModel, Segment, start_token, token_nll
 from refrag.policy import Budget, expansion_count, make_policy, select
+from refrag.refine import RefineOptions, refine_encodings
 
 log = logging.getLogger(__name__)
 TEXT_POLICIES: tuple[PolicyName, ...] = tuple(
@@ -56,6 +59,7 @@ class PerplexityOptions:
     batch_size: int = 4  # examples per decoder forward
     expand: tuple[float, ...] = ()  # each p > 0 adds refrag{k}+{policy}{P}: a fraction p of chunks kept raw
     policies: tuple[PolicyName, ...] = ("last",)  # how the raw chunks are chosen (one method per policy)
+    refine: RefineOptions | None = None  # adds refrag{k}-refined: each context's encodings refined first
 
     def __post_init__(self) -> None:
         if self.s <= 0 or self.o < 2:
@@ -80,6 +84,7 @@ class PerplexityOptions:
         methods = [Method("no_context"), Method("full")]
         methods += [Method("truncated", positions=self.s // k, first=i == 0) for i, k in enumerate(self.ks)]
         methods += [Method("refrag", k=k) for k in self.ks]
+        methods += [Method("refrag", k=k, refined=True) for k in self.ks if self.refine is not None]
         for k in self.ks:
             for p in (p for p in self.expand if p):
                 L, n = self.s // k, self.expanded_chunks(k, p)
@@ -212,6 +217,12 @@ def _prefixes(
     if method.kind == "truncated":
         return [[*head, list(ex.context[-method.positions :])] for ex in batch]
     chunks = [chunk_token_ids(ex.context, model.tokenizer, method.k) for ex in batch]
+    if method.refined:  # the whole context is one passage; nothing of the output is seen
+        assert options.refine is not None
+        encoded = refine_encodings(model, chunks, model.encode_chunks([c for cs in chunks for c in cs]),
+                                   options.refine)  # [B * L, E]
+        vectors = model.project(encoded).split([len(cs) for cs in chunks])
+        return [[*head, v] for v in vectors]
     raw = [_expanded(model, cs, method, options.seed, ex.doc) for cs, ex in zip(chunks, batch)]
     return [[*head, *context] for context in model.contexts([[cs] for cs in chunks], raw)]
 

@@ -38,6 +38,7 @@ from refrag.index.store import StoreOptions, VectorStore, create_store, open_sto
 from refrag.integrity import record, verify
 from refrag.io import atomic_dir, write_json_atomic
 from refrag.modeling import RefragModel
+from refrag.refine import RefineOptions, compressor_fingerprint, refine_encodings
 
 MANIFEST = INDEX.filename
 
@@ -51,6 +52,7 @@ class IndexOptions:
     store: StoreOptions = field(default_factory=StoreOptions)
     shard_passages: int = 8192  # passages per chunk-store shard
     batch_passages: int = 128  # passages encoded together
+    refine: RefineOptions | None = None  # refine each passage's chunk encodings (refrag.refine); None: as encoded
 
     def __post_init__(self) -> None:
         if self.shard_passages <= 0 or self.batch_passages <= 0:
@@ -68,6 +70,7 @@ class BuildStats:
     retrieval_encode_s: float  # retrieval encoder (sentence-transformers)
     skipped_duplicates: int = 0  # passages already in the index (same source file and text), not added again
     removed: int = 0  # passages taken out (``remove`` / ``update``)
+    refine_s: float = 0.0  # refining the chunk encodings (IndexOptions.refine)
 
     @property
     def passages_per_s(self) -> float:
@@ -106,6 +109,7 @@ class Index:
             passage_tokens=manifest.passage_tokens,
             retrieval_encoder=manifest.retrieval.encoder,
             store=StoreOptions(**manifest.retrieval.store),
+            refine=RefineOptions(**manifest.refine) if manifest.refine else None,
         )
         self.shards = [ShardReader(path, entry, manifest.model.k, manifest.chunk_dim) for entry in manifest.shards]
         self._starts = list(np.cumsum([0] + [len(s) for s in self.shards]))  # global id of each shard's row 0
@@ -137,6 +141,8 @@ class Index:
             chunk_dim=model.encoder.hidden_size,
             retrieval=RetrievalInfo(options.retrieval_encoder, retriever.dim, options.store.to_json()),
             decoder_adapter=model.config.decoder_adapter,
+            refine=options.refine.to_json() if options.refine else None,
+            refined_for=compressor_fingerprint(model) if options.refine else None,
         )
         store = create_store(options.store, retriever.dim)
         with atomic_dir(out, replaces=(MANIFEST, "refrag index")) as tmp:
@@ -199,8 +205,7 @@ class Index:
             self.check_model(model)
         t0 = time.perf_counter()
         manifest = replace(self.manifest, shards=[], builds=list(self.manifest.builds))
-        options = IndexOptions(self.options.passage_tokens, self.options.retrieval_encoder, self.options.store,
-                               batch_passages=batch_passages)
+        options = replace(self.options, batch_passages=batch_passages)
         with atomic_dir(self.path) as tmp:
             for shard, start in zip(self.shards, self._starts):
                 keep = ~drop[start : start + len(shard)]
@@ -312,13 +317,20 @@ class Index:
         return self.manifest.model.k
 
     def check_model(self, model: RefragModel) -> None:
-        """CheckpointError unless ``model`` has the chunk encoder, k and tokenizer this index was built with."""
+        """CheckpointError unless ``model`` has the chunk encoder, k and tokenizer this index was built with (and,
+        for refined encodings, the same projector and decoder adapter: they were refined for that reader)."""
         diff = self.manifest.model.differences(EncoderKey.of(model))
         if diff:
             raise CheckpointError(
                 f"{self.path} was built for another chunk encoder / k / tokenizer ({'; '.join(diff)}). "
                 "Load the model the index was built with, or rebuild the index with this model "
                 "(`refrag index build ... --model ...`)."
+            )
+        if self.manifest.refined_for is not None and self.manifest.refined_for != compressor_fingerprint(model):
+            raise CheckpointError(
+                f"{self.path} holds chunk encodings refined for another compressor (projector / decoder adapter; "
+                f"index {self.manifest.refined_for[:12]} vs model {compressor_fingerprint(model)[:12]}). Load the "
+                "checkpoint the index was built with, or rebuild it with this one."
             )
 
 
@@ -362,7 +374,7 @@ def _ingest(
     ``may_be_empty``: no text is not an error (``update`` of a file that was emptied)."""
     t0 = time.perf_counter()
     chunking = ChunkingOptions(k=model.k, passage_tokens=options.passage_tokens)
-    timers = {"chunk": 0.0, "retrieval": 0.0}
+    timers = {"chunk": 0.0, "retrieval": 0.0, "refine": 0.0}
     counts = {"passages": 0, "chunks": 0, "skipped": 0}
     writer = ShardWriter()
     batch: list[tuple[PassageMeta, Passage, int]] = []
@@ -372,6 +384,10 @@ def _ingest(
         t = time.perf_counter()
         encoded = model.encode_chunks([c for _, p, _ in batch for c in p.chunks])  # [sum L, E]
         timers["chunk"] += time.perf_counter() - t
+        if options.refine is not None:
+            t = time.perf_counter()
+            encoded = refine_encodings(model, [p.chunks for _, p, _ in batch], encoded, options.refine)
+            timers["refine"] += time.perf_counter() - t
         t = time.perf_counter()
         store.add(retriever.encode([m.text for m, _, _ in batch]))  # [B, dim]
         timers["retrieval"] += time.perf_counter() - t
@@ -413,4 +429,4 @@ def _ingest(
     if counts["passages"] == 0 and not counts["skipped"] and not may_be_empty:
         raise InputError(f"no text found in {paths}: the corpus is empty.")
     return BuildStats(counts["passages"], counts["chunks"], time.perf_counter() - t0,
-                      timers["chunk"], timers["retrieval"], counts["skipped"])
+                      timers["chunk"], timers["retrieval"], counts["skipped"], refine_s=timers["refine"])

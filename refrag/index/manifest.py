@@ -62,6 +62,8 @@ class IndexManifest:
     builds: list[dict[str, Any]] = field(default_factory=list)  # BuildStats of the build and of every add
     store_files: dict[str, FileRecord] = field(default_factory=dict)  # the vector store's files as written
     decoder_adapter: str | None = None  # the user's decoder adapter the index was built with (default for `ask`)
+    refine: dict[str, Any] | None = None  # RefineOptions.to_json() when the encodings were refined (refrag.refine)
+    refined_for: str | None = None  # then: the compressor they were refined for (refine.compressor_fingerprint)
 
     def to_json(self) -> dict[str, Any]:
         return {**INDEX.header(), **asdict(self)}

@@ -97,9 +97,14 @@ def kl_to_teacher(model: RefragModel, teacher: Sequence[Layout], student: torch.
 
 def kl_between(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tensor:
     """Mean KL(teacher || student) per target token, over the targets both have (the same rows, in order)."""
+    return token_kl(student, teacher).mean()
+
+
+def token_kl(student: LabelOutputs, teacher: LabelOutputs) -> torch.Tensor:
+    """[N] KL(teacher || student) at each target both have (the same rows, in order: batch, then position)."""
     teacher_logp = teacher.logits[teacher.labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V]
     student_logp = student.logits[student.labels != IGNORE_INDEX].float().log_softmax(-1)  # [N, V]
-    return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
+    return torch.nn.functional.kl_div(student_logp, teacher_logp, log_target=True, reduction="none").sum(-1)
 
 
 def training_loss(model: RefragModel, examples: Sequence[Example], distill: float = 0.0,

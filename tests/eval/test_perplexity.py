@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from refrag.chunking import Chunk
+from refrag.chunking import Chunk, chunk_token_ids
 from refrag.errors import InputError
 from refrag.eval.methods import Method
 from refrag.eval.perplexity import (
@@ -16,9 +16,11 @@ from refrag.eval.perplexity import (
     _expanded,
     _prefixes,
     evaluate_perplexity,
+    example_nll,
     extract_examples,
 )
 from refrag.modeling import start_token
+from refrag.refine import RefineOptions, refine_encodings
 from tests.conftest import TEXT, add_random_lora, tiny_refrag
 
 
@@ -89,6 +91,21 @@ def test_refrag_is_batch_independent(setup):
     single = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, batch_size=1)
     alone = evaluate_perplexity(model, examples, single, progress=False).per_example["refrag4"]
     assert batched == pytest.approx(alone, abs=1e-4)
+
+
+def test_refined_method_reads_each_contexts_refined_encodings(setup):
+    model, _, examples = setup
+    opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, batch_size=2, refine=RefineOptions(steps=2))
+    result = evaluate_perplexity(model, examples, opts, progress=False)
+    assert "refrag4-refined" in result.per_example and result.summary()["recovered"]["refrag4-refined"]
+    assert result.per_example["refrag4-refined"] != pytest.approx(result.per_example["refrag4"], abs=1e-4)
+    start = start_token(model.tokenizer)
+    for ex, nll in zip(examples, result.per_example["refrag4-refined"]):
+        chunks = chunk_token_ids(ex.context, model.tokenizer, 4)
+        with torch.no_grad():
+            vectors = model.project(refine_encodings(model, [chunks], model.encode_chunks(chunks), opts.refine))
+        (alone,) = example_nll(model, [model.scored_layout([[start], vectors], ex.output)])
+        assert nll == pytest.approx(alone, abs=1e-4)  # the context alone decides its vectors, never the output
 
 
 def test_s_must_be_a_multiple_of_k():
@@ -178,7 +195,8 @@ def test_foreign_vectors_control_reads_the_next_examples_context(setup):
 
 
 @pytest.mark.parametrize("name", ["no_context", "full", "truncated", "truncated152", "refrag16", "refrag16+last25",
-                                  "refrag8+random10", "no_context_adapter", "foreign_vectors"])
+                                  "refrag8+random10", "refrag16-refined", "no_context_adapter",
+                                  "foreign_vectors"])
 def test_method_names_round_trip(name):
     method = Method.from_name(name, 512, 16)
     assert method is not None and method.name == name

@@ -72,6 +72,20 @@ def test_build_add_search_ask(app, corpus, tmp_path, retrieval_spec):
     assert again["answered"] == 0 and again["already"] == 2 and len(answers.read_text().splitlines()) == 2
 
 
+def test_a_refined_index_is_built_and_asked(app, corpus, tmp_path, retrieval_spec):
+    ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt", save_encoder=True, save_decoder=True)
+    idx = tmp_path / "idx"
+    built = json.loads(run(app, "index", "build", corpus, "--out", idx, "--model", ckpt, "--retrieval-encoder",
+                           retrieval_spec, "--passage-tokens", 16, "--refine-steps", 2, "--json"))
+    assert built["refine_s"] > 0 and Index.open(idx).manifest.refine["steps"] == 2
+    out = json.loads(run(app, "ask", idx, "Where does the dog sleep?", "--model", ckpt, "--mode", "refrag",
+                         "--max-new-tokens", 2, "--policy", "none", "--json"))
+    assert out["answers"][0]["mode"] == "refrag"
+    bad = CliRunner().invoke(app, ["index", "build", str(corpus), "--out", str(tmp_path / "bad"), "--refine-steps",
+                                   "-1"])
+    assert bad.exit_code == 2 and "--refine-steps" in bad.output and not (tmp_path / "bad").exists()
+
+
 def test_ask_with_another_k_is_refused(app, corpus, tmp_path, retrieval_spec):
     ckpt = checkpoint.save(tiny_refrag("llama", k=4), tmp_path / "ckpt4", save_encoder=True, save_decoder=True)
     other = checkpoint.save(tiny_refrag("llama", k=8), tmp_path / "ckpt8", save_encoder=True, save_decoder=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from index_helpers import DOCS, build, corpus, options, retrieval_spec, rmodel, 
 from refrag.errors import CheckpointError, InputError
 from refrag.index import Index
 from refrag.index.check import check_index
+from refrag.refine import RefineOptions, refine_encodings
 
 
 def test_build_search_roundtrip(corpus, tmp_path, rmodel, options):
@@ -299,3 +301,29 @@ def test_every_file_kind_of_an_index_is_checked_on_open(corpus, tmp_path, rmodel
             Index.open(index.path)
         target.write_bytes(data)
     assert check_index(index.path, progress=False).ok
+
+
+def test_a_refined_index_stores_refined_encodings_keyed_to_the_compressor(corpus, tmp_path, rmodel, options):
+    refine = RefineOptions(steps=3)
+    index = Index.build(corpus, tmp_path / "refined", rmodel, replace(options, refine=refine), progress=False)
+    assert index.manifest.refine == refine.to_json() and index.stats.refine_s > 0
+    assert Index.open(tmp_path / "refined").options.refine == refine  # add / update refine new passages alike
+    several = [pid for pid in range(len(index)) if len(index.passage(pid, rmodel.tokenizer).chunks) > 1]
+    assert several
+    for pid in several:
+        chunks = index.passage(pid, rmodel.tokenizer).chunks
+        with torch.no_grad():
+            expected = refine_encodings(rmodel, [chunks], rmodel.encode_chunks(chunks), refine)
+        torch.testing.assert_close(index.encoded(pid).float(), expected.float(), atol=2e-2, rtol=2e-2)  # bf16
+        assert not torch.allclose(index.encoded(pid).float(), rmodel.encode_chunks(chunks).float(), atol=2e-2)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("Question answer context passage chunk token vector encoder decoder projector.", "utf-8")
+    n = len(index)
+    index.add([extra], rmodel, progress=False)
+    assert index.stats.refine_s > 0 and len(index) > n
+    other = tiny_refrag("llama", k=4)  # the same chunk encoder, another projector: unrefined indexes accept it
+    with torch.no_grad():
+        other.projector.gain.mul_(1.5)
+    build(corpus, tmp_path / "plain", rmodel, options).check_model(other)
+    with pytest.raises(CheckpointError, match="refined for another compressor"):
+        index.check_model(other)

@@ -16,24 +16,17 @@ encoder's), so an index stores them as it stores unrefined ones; they are keyed 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from refrag.chunking import Chunk
-from refrag.config import check_choice
 from refrag.errors import InputError
-from refrag.modeling import COMPRESSOR_ADAPTER, IGNORE_INDEX, Layout, RefragModel, start_token
+from refrag.modeling import COMPRESSOR_ADAPTER, Layout, RefragModel, start_token
 from refrag.train.objectives import teacher_outputs, token_kl
-
-RefineObjective = Literal["chunks", "next-token"]
-# chunks: after the passage's first i vectors, the decoder predicts chunk i's tokens as it does after the first i
-# chunks as text (KL on k tokens, at up to ``cuts`` prefix lengths; never touches the last vector);
-# next-token: at every vector position, the next-token distribution the decoder has at the last token of that
-# chunk read as text (one position per chunk, every vector, one forward per passage: ~5-10x cheaper per step)
 
 
 @dataclass(frozen=True)
@@ -42,14 +35,12 @@ class RefineOptions:
 
     steps: int = 10  # Adam steps per passage
     lr: float = 0.05  # step size, relative to each encoding's RMS
-    objective: RefineObjective = "chunks"
-    cuts: int = 5  # ``chunks``: prefix lengths i per passage (evenly spread over 1 .. chunks - 1)
+    cuts: int = 5  # prefix lengths i per passage (evenly spread over 1 .. chunks - 1)
     group: int = 16  # passages refined together (one batched forward per step)
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.cuts <= 0 or self.group <= 0:
             raise InputError(f"refinement needs positive steps, cuts and group (got {self}).")
-        check_choice(self.objective, RefineObjective, "--refine-objective")
         if not 0 < self.lr <= 1:
             raise InputError(f"the refinement step size must be in (0, 1] (got {self.lr}).")
 
@@ -84,7 +75,7 @@ def refine_encodings(model: RefragModel, passages: Sequence[Sequence[Chunk]], en
     Each passage's loss is its own mean KL (summed over the group), so a passage is refined as it would be
     alone. The vectors are read as the compressor was trained to read them (``RefragModel.compressor_only``: an
     answer adapter, if any, is off). Works under ``torch.inference_mode`` too; the model's weights get no
-    gradient. Under ``chunks`` one-chunk passages are returned as they are (nothing precedes a chunk)."""
+    gradient. One-chunk passages are returned as they are (nothing precedes a chunk to predict)."""
     sizes = [len(p) for p in passages]
     if sum(sizes) != encoded.shape[0]:
         raise InputError(f"{encoded.shape[0]} encodings for {sum(sizes)} chunks.")
@@ -97,22 +88,13 @@ def refine_encodings(model: RefragModel, passages: Sequence[Sequence[Chunk]], en
     return torch.cat(out) if out else encoded
 
 
-@dataclass
-class _Plan:
-    """What one group of passages is refined on: the original decoder's outputs on text (``teacher``), how the
-    vectors are laid out for the student, and each target row's weight (1 / its passage's rows)."""
-
-    teacher: list[Layout]
-    student: Callable[[torch.Tensor], list[Layout]]  # [N, D] vectors -> layouts with the teacher's target rows
-    weights: list[float]
-
-
-def _chunks_plan(model: RefragModel, head: list[list[int]], passages: Sequence[Sequence[Chunk]],
-                 options: RefineOptions) -> _Plan:
-    """``chunks``: after its first i vectors, the tokens of chunk i, at up to ``cuts`` prefix lengths i."""
+def _refine_group(model: RefragModel, passages: Sequence[Sequence[Chunk]], encoded: torch.Tensor,
+                  options: RefineOptions) -> torch.Tensor:
+    start = start_token(model.tokenizer)
+    head = [[start]] if start is not None else []
     cuts: list[tuple[int, int, tuple[int, ...]]] = []  # (first row, i vectors read, the tokens of chunk i)
     teacher: list[Layout] = []
-    weights: list[float] = []
+    weights: list[float] = []  # per target token: 1 / the passage's target tokens (each passage's mean KL)
     row = 0
     for chunks in passages:
         mine = [(row, i, chunks[i].token_ids) for i in cut_points(len(chunks), options.cuts)]
@@ -122,53 +104,20 @@ def _chunks_plan(model: RefragModel, head: list[list[int]], passages: Sequence[S
         tokens = sum(len(nxt) for *_, nxt in mine)
         weights += [1 / max(tokens, 1)] * tokens
         row += len(chunks)
-    return _Plan(teacher, lambda v: [model.scored_layout([*head, v[r : r + i]], nxt) for r, i, nxt in cuts], weights)
-
-
-def _next_token_plan(model: RefragModel, head: list[list[int]], passages: Sequence[Sequence[Chunk]]) -> _Plan:
-    """``next-token``: at every vector, the next-token distribution the decoder has at the last token of that
-    chunk read as text (the last vector's too: the teacher's prediction, not a token after the passage)."""
-    teacher, spans, weights, row = [], [], [], 0
-    for chunks in passages:
-        text = model.layout([*head, [t for c in chunks for t in c.token_ids]])
-        ends = len(head) - 1 + np.cumsum([len(c.token_ids) for c in chunks])  # [L] each chunk's last token
-        teacher.append(_with_targets(text, ends))
-        spans.append((row, len(chunks)))
-        weights += [1 / len(chunks)] * len(chunks)
-        row += len(chunks)
-
-    def student(vectors: torch.Tensor) -> list[Layout]:
-        return [_with_targets(model.layout([*head, vectors[r : r + n]]), len(head) + np.arange(n)) for r, n in spans]
-
-    return _Plan(teacher, student, weights)
-
-
-def _with_targets(layout: Layout, positions: np.ndarray) -> Layout:
-    """``layout`` with a (placeholder) label at ``positions``: rows whose output distribution is compared."""
-    layout.labels = torch.full((layout.length,), IGNORE_INDEX, dtype=torch.long)
-    layout.labels[torch.as_tensor(positions)] = 0
-    return layout
-
-
-def _refine_group(model: RefragModel, passages: Sequence[Sequence[Chunk]], encoded: torch.Tensor,
-                  options: RefineOptions) -> torch.Tensor:
-    start = start_token(model.tokenizer)
-    head = [[start]] if start is not None else []
-    plan = (_next_token_plan(model, head, passages) if options.objective == "next-token"
-            else _chunks_plan(model, head, passages, options))
-    if not plan.weights:
+    if not cuts:
         return encoded
     with torch.inference_mode(False), torch.enable_grad(), model.compressor_only():
-        target = teacher_outputs(model, plan.teacher)
-        per_row = torch.tensor(plan.weights)  # [targets]
+        target = teacher_outputs(model, teacher)
+        per_token = torch.tensor(weights)  # [targets]
         base = encoded.detach().clone().float()  # [N, E]
         scale = base.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)  # [N, 1]
         delta = torch.zeros_like(base, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=options.lr)
         for _ in range(options.steps):
             vectors = model.project(base + scale * delta)  # [N, D]
-            student = model.label_outputs(model.build_inputs(plan.student(vectors)))
-            loss = (token_kl(student, target) * per_row).sum()  # the sum of the passages' mean KLs
+            layouts = [model.scored_layout([*head, vectors[r : r + i]], nxt) for r, i, nxt in cuts]
+            student = model.label_outputs(model.build_inputs(layouts))
+            loss = (token_kl(student, target) * per_token).sum()  # the sum of the passages' mean KLs
             (delta.grad,) = torch.autograd.grad(loss, [delta])
             opt.step()
         return (base + scale * delta).detach().to(encoded.dtype)

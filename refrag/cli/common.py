@@ -30,9 +30,8 @@ T = TypeVar("T")
 
 Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 RefineSteps = Annotated[int, typer.Option(help="refine each passage's chunk encodings by this many steps (0: off; "
-                                               "docs/index.md, \"Refined chunk encodings\")", min=0)]
-RefineObjective = Annotated[str, typer.Option(help="what --refine-steps refines on: chunks or next-token "
-                                                   "(refrag.refine)")]
+                                               "~5 x steps the encoding cost; docs/training.md, \"Refined chunk "
+                                               "vectors\")", min=0)]
 Checkpoint = Annotated[
     str | None, typer.Option("--model", "-m", help="refrag checkpoint folder (default: the shipped compressor)")
 ]

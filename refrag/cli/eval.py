@@ -11,7 +11,6 @@ from refrag.cli.common import (
     Checkpoint,
     Json,
     ModelChoice,
-    RefineObjective,
     RefineSteps,
     comma_list,
     filter_options,
@@ -50,7 +49,6 @@ def perplexity_cmd(
     policy: Annotated[str, typer.Option(help="which chunks stay raw, comma-separated: first, last, random, "
                                              "perplexity-desc, perplexity-asc")] = "last",
     refine_steps: RefineSteps = 0,
-    refine_objective: RefineObjective = "chunks",
     out: Out = None,
     json_out: Json = False,
     *,
@@ -67,7 +65,7 @@ def perplexity_cmd(
     from refrag.train.data import iter_documents
 
     fractions, policies = comma_list(expand, float, "--expand"), comma_list(policy, str, "--policy")
-    refine = RefineOptions(steps=refine_steps, objective=refine_objective) if refine_steps else None  # type: ignore[arg-type]
+    refine = RefineOptions(steps=refine_steps) if refine_steps else None
     PerplexityOptions(s=s, o=o, ks=tuple(k or [16]), limit=limit, expand=fractions, policies=policies)  # type: ignore[arg-type]  # fail before loading
     m = replace(choice, k=k[0] if k else None).load(progress=not json_out)
     options = PerplexityOptions(s=s, o=o, ks=tuple(k or [m.k]), limit=limit, seed=seed, batch_size=batch_size,

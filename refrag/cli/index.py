@@ -8,15 +8,7 @@ from typing import Annotated
 
 import typer
 
-from refrag.cli.common import (
-    Json,
-    ModelChoice,
-    RefineObjective,
-    RefineSteps,
-    model_options,
-    print_json,
-    setup_torch,
-)
+from refrag.cli.common import Json, ModelChoice, RefineSteps, model_options, print_json, setup_torch
 from refrag.config import DEFAULT_RETRIEVAL_ENCODER
 
 app = typer.Typer(no_args_is_help=True, help="Build and extend retrieval indexes (passages + chunk vectors).")
@@ -51,7 +43,6 @@ def build_cmd(
     store_kind: StoreKind = "flat",
     passage_tokens: Annotated[int, typer.Option(help="max decoder tokens per passage")] = 256,
     refine_steps: RefineSteps = 0,
-    refine_objective: RefineObjective = "chunks",
     json_out: Json = False,
     *,
     choice: ModelChoice,
@@ -65,8 +56,7 @@ def build_cmd(
     from refrag.refine import RefineOptions
 
     options = IndexOptions(passage_tokens, retrieval_encoder, StoreOptions(backend=store, kind=store_kind),  # type: ignore[arg-type]
-                           refine=RefineOptions(steps=refine_steps, objective=refine_objective)  # type: ignore[arg-type]
-                           if refine_steps else None)
+                           refine=RefineOptions(steps=refine_steps) if refine_steps else None)
     check_replaceable(out, INDEX.filename, "refrag index")  # before the model loads
     find_files(sources)  # missing or empty sources, too
     m = choice.load(progress=not json_out, merge=False)

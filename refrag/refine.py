@@ -6,7 +6,7 @@ read from the chunks before it. A few Adam steps per passage adjust the passage'
 whole model frozen: the decoder reading the passage's first i chunk vectors should predict chunk i + 1 as the
 original decoder predicts it reading the first i chunks as text (KL, at a few prefix lengths i). Only the passage
 itself is used, never what the decoder will later be asked, so the result is still precomputable per passage
-(a passage's refined encodings depend on that passage alone), at ~``steps`` x 5 times the encoding cost.
+(a passage's refined encodings depend on that passage alone), at ~10 x ``steps`` times the encoding cost.
 
 The encodings stay in the chunk encoder's space (the projector and the decoder read them as they read the
 encoder's), so an index stores them as it stores unrefined ones; they are keyed to the whole compressor

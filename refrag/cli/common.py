@@ -30,8 +30,8 @@ T = TypeVar("T")
 
 Json = Annotated[bool, typer.Option("--json", help="print machine-readable JSON only")]
 RefineSteps = Annotated[int, typer.Option(help="refine each passage's chunk encodings by this many steps (0: off; "
-                                               "~5 x steps the encoding cost; docs/training.md, \"Refined chunk "
-                                               "vectors\")", min=0)]
+                                               "~10 x steps the chunk-encoding time; docs/index.md, \"Refined "
+                                               "chunk encodings\")", min=0)]
 Checkpoint = Annotated[
     str | None, typer.Option("--model", "-m", help="refrag checkpoint folder (default: the shipped compressor)")
 ]

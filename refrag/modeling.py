@@ -601,9 +601,9 @@ class RefragModel(nn.Module):
         merged, self.merged_decoder = self.merged_decoder, None
         answer = self.has_answer_adapter
         trainable = {n: p.requires_grad for n, p in self.decoder.named_parameters()}  # peft's set_adapter resets them
-        if answer:
-            self.decoder.base_model.set_adapter(COMPRESSOR_ADAPTER)
         try:
+            if answer:
+                self.decoder.base_model.set_adapter(COMPRESSOR_ADAPTER)
             yield
         finally:
             self.merged_decoder = merged

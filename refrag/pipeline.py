@@ -6,6 +6,7 @@ question costs one retrieval, one projection and one short prefill; no chunk is 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from refrag.generation import Answer, Request, generate, prompt_positions
 from refrag.index import Index, SearchHit
 from refrag.modeling import RefragModel
 from refrag.relevance import Dropped, HitFilter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class Pipeline:
 
     def __init__(self, index: Index, model: RefragModel) -> None:
         index.check_model(model)  # stored chunk encodings must come from this model's chunk encoder
+        if index.manifest.refine is not None and model.has_answer_adapter:
+            log.warning("%s holds chunk encodings refined for continuation; read through the answer adapter they "
+                        "answered slightly worse in the one measurement (NQ F1 -0.03, docs/index.md): index "
+                        "without --refine-steps for question answering.", index.path)
         index.load_retriever(model.config.dtype)  # now, not inside the first question's timing
         self.index, self.model = index, model
 

@@ -10,7 +10,8 @@ itself is used, never what the decoder will later be asked, so the result is sti
 
 The encodings stay in the chunk encoder's space (the projector and the decoder read them as they read the
 encoder's), so an index stores them as it stores unrefined ones; they are keyed to the whole compressor
-(:func:`compressor_fingerprint`), not only to the encoder. Measured: docs/training.md ("Refined chunk vectors").
+(:func:`compressor_fingerprint`), not only to the encoder. A passage's LAST chunk is never a target's prefix end,
+so its vector stays the encoder's. Measured: docs/training.md ("Refined chunk vectors").
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def cut_points(chunks: int, cuts: int) -> list[int]:
 
 
 def compressor_fingerprint(model: RefragModel) -> str:
-    """sha256 of everything a refined encoding depends on beyond the encoder: the projector and the decoder's
-    compressor adapter (the decoder's own weights are named by the index's decoder and tokenizer keys)."""
-    h = hashlib.sha256()
+    """sha256 of everything a refined encoding depends on beyond the encoder key: the decoder's name, the adapter's
+    scope, the projector's and the decoder's compressor-adapter weights (not the decoder's own weights: a
+    decoder is named by its spec; the tokenizer is in the index's key)."""
+    h = hashlib.sha256(f"{model.config.decoder}|{model.config.adapter_scope}".encode())
     tensors = {f"projector.{n}": t for n, t in model.projector.state_dict().items()}
     tensors |= {n: p for n, p in model.decoder.named_parameters() if f".{COMPRESSOR_ADAPTER}." in n}
     for name, tensor in sorted(tensors.items()):
@@ -108,7 +110,7 @@ def _refine_group(model: RefragModel, passages: Sequence[Sequence[Chunk]], encod
         return encoded
     with torch.inference_mode(False), torch.enable_grad(), model.compressor_only():
         target = teacher_outputs(model, teacher)
-        per_token = torch.tensor(weights)  # [targets]
+        per_token = torch.tensor(weights, device=model.device)  # [targets]
         base = encoded.detach().clone().float()  # [N, E]
         scale = base.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)  # [N, 1]
         delta = torch.zeros_like(base, requires_grad=True)

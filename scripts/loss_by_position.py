@@ -55,7 +55,8 @@ def main() -> None:
         v = {name: float(s[lo:hi].mean()) / n for name, s in sums.items()}
         gap = v["no_context"] - v["full"]
         rec = {name: (v["no_context"] - v[name]) / gap for name in ("truncated", f"refrag{model.k}")}
-        print(f"{f'{lo}-{min(hi, args.o) - 1}':<10}" + "".join(f"{v[m.name]:>12.3f}" for m in methods)
+        label = str(lo) if hi - lo == 1 else f"{lo}-{min(hi, args.o) - 1}"
+        print(f"{label:<10}" + "".join(f"{v[m.name]:>12.3f}" for m in methods)
               + "".join(f"{r:>11.3f}" for r in rec.values()))
 
 

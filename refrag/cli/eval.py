@@ -66,6 +66,8 @@ def perplexity_cmd(
 
     fractions, policies = comma_list(expand, float, "--expand"), comma_list(policy, str, "--policy")
     refine = RefineOptions(steps=refine_steps) if refine_steps else None
+    if refine is not None and choice.quantize:
+        raise InputError("--refine-steps runs a backward pass through the decoder: it cannot use --quantize.")
     PerplexityOptions(s=s, o=o, ks=tuple(k or [16]), limit=limit, expand=fractions, policies=policies)  # type: ignore[arg-type]  # fail before loading
     m = replace(choice, k=k[0] if k else None).load(progress=not json_out)
     options = PerplexityOptions(s=s, o=o, ks=tuple(k or [m.k]), limit=limit, seed=seed, batch_size=batch_size,

@@ -56,6 +56,6 @@ class Method:
             return cls("truncated", positions=s // first_k, first=True)
         if m := re.fullmatch(r"truncated(\d+)", name):
             return cls("truncated", positions=int(m[1]))
-        if m := re.fullmatch(r"refrag(\d+)(-refined)?(?:\+([a-z][a-z-]*[a-z])(\d+))?", name):
+        if m := re.fullmatch(r"refrag(\d+)(?:(-refined)|\+([a-z][a-z-]*[a-z])(\d+))?", name):
             return cls("refrag", k=int(m[1]), refined=bool(m[2]), policy=m[3], percent=int(m[4] or 0))
         return None

@@ -152,6 +152,7 @@ class PerplexityResult:
             "ks": list(o.ks),
             "seed": o.seed,
             **({"expand": list(o.expand), "policies": list(o.policies)} if o.expand else {}),
+            **({"refine": o.refine.to_json()} if o.refine else {}),
             "log_ppl": self.log_ppl,
             "recovered": self.recovered,
         }

@@ -109,7 +109,7 @@ class Index:
             passage_tokens=manifest.passage_tokens,
             retrieval_encoder=manifest.retrieval.encoder,
             store=StoreOptions(**manifest.retrieval.store),
-            refine=RefineOptions(**manifest.refine) if manifest.refine else None,
+            refine=_refine_options(manifest, path),
         )
         self.shards = [ShardReader(path, entry, manifest.model.k, manifest.chunk_dim) for entry in manifest.shards]
         self._starts = list(np.cumsum([0] + [len(s) for s in self.shards]))  # global id of each shard's row 0
@@ -326,12 +326,24 @@ class Index:
                 "Load the model the index was built with, or rebuild the index with this model "
                 "(`refrag index build ... --model ...`)."
             )
-        if self.manifest.refined_for is not None and self.manifest.refined_for != compressor_fingerprint(model):
+        mine = self.manifest.refined_for
+        if mine is not None and mine != (theirs := compressor_fingerprint(model)):
             raise CheckpointError(
-                f"{self.path} holds chunk encodings refined for another compressor (projector / decoder adapter; "
-                f"index {self.manifest.refined_for[:12]} vs model {compressor_fingerprint(model)[:12]}). Load the "
-                "checkpoint the index was built with, or rebuild it with this one."
+                f"{self.path} holds chunk encodings refined for another compressor (decoder, projector or decoder "
+                f"adapter; index {mine[:12]} vs model {theirs[:12]}). Load the checkpoint the index was built with, "
+                "or rebuild it with this one."
             )
+
+
+def _refine_options(manifest: IndexManifest, path: Path) -> RefineOptions | None:
+    """The manifest's refinement options (None: unrefined); a damaged entry is a CheckpointError."""
+    if manifest.refine is None:
+        return None
+    try:
+        return RefineOptions(**manifest.refine)
+    except (TypeError, InputError) as e:
+        raise CheckpointError(f"{path}/{MANIFEST}: its refine entry {manifest.refine!r} is not valid ({e}). "
+                              f"{REBUILD}") from e
 
 
 def _names(sources: Sequence[str | Path] | str | Path) -> str:

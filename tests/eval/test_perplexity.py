@@ -97,7 +97,8 @@ def test_refined_method_reads_each_contexts_refined_encodings(setup):
     model, _, examples = setup
     opts = PerplexityOptions(s=16, o=6, ks=(4,), limit=3, batch_size=2, refine=RefineOptions(steps=2))
     result = evaluate_perplexity(model, examples, opts, progress=False)
-    assert "refrag4-refined" in result.per_example and result.summary()["recovered"]["refrag4-refined"]
+    assert math.isfinite(result.summary()["recovered"]["refrag4-refined"])
+    assert result.summary()["refine"] == opts.refine.to_json()
     assert result.per_example["refrag4-refined"] != pytest.approx(result.per_example["refrag4"], abs=1e-4)
     start = start_token(model.tokenizer)
     for ex, nll in zip(examples, result.per_example["refrag4-refined"]):
@@ -201,3 +202,4 @@ def test_method_names_round_trip(name):
     method = Method.from_name(name, 512, 16)
     assert method is not None and method.name == name
     assert Method.from_name("refragX", 512, 16) is None
+    assert Method.from_name("refrag16-refined+last25", 512, 16) is None  # refined contexts are all compressed

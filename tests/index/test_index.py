@@ -320,10 +320,30 @@ def test_a_refined_index_stores_refined_encodings_keyed_to_the_compressor(corpus
     extra.write_text("Question answer context passage chunk token vector encoder decoder projector.", "utf-8")
     n = len(index)
     index.add([extra], rmodel, progress=False)
-    assert index.stats.refine_s > 0 and len(index) > n
+    added = [pid for pid in range(n, len(index)) if len(index.passage(pid, rmodel.tokenizer).chunks) > 1]
+    assert added  # the new passages are refined with the index's own options
+    for pid in added:
+        chunks = index.passage(pid, rmodel.tokenizer).chunks
+        with torch.no_grad():
+            expected = refine_encodings(rmodel, [chunks], rmodel.encode_chunks(chunks), refine)
+        torch.testing.assert_close(index.encoded(pid).float(), expected.float(), atol=2e-2, rtol=2e-2)
     other = tiny_refrag("llama", k=4)  # the same chunk encoder, another projector: unrefined indexes accept it
     with torch.no_grad():
         other.projector.gain.mul_(1.5)
     build(corpus, tmp_path / "plain", rmodel, options).check_model(other)
     with pytest.raises(CheckpointError, match="refined for another compressor"):
         index.check_model(other)
+
+
+def test_an_index_manifest_without_refine_fields_opens_and_a_damaged_one_is_refused(corpus, tmp_path, rmodel,
+                                                                                     options):
+    index = build(corpus, tmp_path, rmodel, options)
+    manifest = tmp_path / "idx" / "index.json"
+    raw = json.loads(manifest.read_text())
+    for key in ("refine", "refined_for"):  # as written before refinement existed
+        del raw[key]
+    manifest.write_text(json.dumps(raw))
+    assert Index.open(tmp_path / "idx").options.refine is None and len(Index.open(tmp_path / "idx")) == len(index)
+    manifest.write_text(json.dumps({**raw, "refine": {"steps": 10, "objective": "next-token"}}))
+    with pytest.raises(CheckpointError, match="refine entry .* is not valid"):
+        Index.open(tmp_path / "idx")

@@ -108,3 +108,7 @@ def test_an_answer_adapter_is_off_while_refining_and_back_after():
     torch.testing.assert_close(refine_encodings(model, passages, encoded, options), alone)
     assert {n: p.requires_grad for n, p in model.decoder.named_parameters()} == trainable
     assert set(model.decoder.base_model.active_adapters) == {"default", "answer"}
+    model.merge_adapter()  # inference's merged copy (the answer adapter folded in) is not what is refined for
+    assert model.merged_decoder is not None
+    torch.testing.assert_close(refine_encodings(model, passages, encoded, options), alone)
+    assert model.merged_decoder is not None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -50,8 +50,13 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 def _fingerprint(module: nn.Module) -> str:
     """sha256 of a module's weights (bf16 bytes, sorted names): what stored chunk vectors depend on."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor], prefix: bytes = b"") -> str:
+    """sha256 of ``prefix``, then each tensor's name and its values as bf16 bytes, in sorted name order."""
+    h = hashlib.sha256(prefix)
+    for name, tensor in sorted(tensors.items()):
         h.update(name.encode())
         h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     return h.hexdigest()

@@ -16,7 +16,6 @@ so its vector stays the encoder's. Measured: docs/training.md ("Refined chunk ve
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from refrag.chunking import Chunk
+from refrag.encoders import tensors_digest
 from refrag.errors import InputError
 from refrag.modeling import COMPRESSOR_ADAPTER, Layout, RefragModel, start_token
 from refrag.train.objectives import teacher_outputs, token_kl
@@ -61,13 +61,9 @@ def compressor_fingerprint(model: RefragModel) -> str:
     """sha256 of everything a refined encoding depends on beyond the encoder key: the decoder's name, the adapter's
     scope, the projector's and the decoder's compressor-adapter weights (not the decoder's own weights: a
     decoder is named by its spec; the tokenizer is in the index's key)."""
-    h = hashlib.sha256(f"{model.config.decoder}|{model.config.adapter_scope}".encode())
     tensors = {f"projector.{n}": t for n, t in model.projector.state_dict().items()}
     tensors |= {n: p for n, p in model.decoder.named_parameters() if f".{COMPRESSOR_ADAPTER}." in n}
-    for name, tensor in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_digest(tensors, prefix=f"{model.config.decoder}|{model.config.adapter_scope}".encode())
 
 
 def refine_encodings(model: RefragModel, passages: Sequence[Sequence[Chunk]], encoded: torch.Tensor,
